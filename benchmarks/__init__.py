@@ -1,0 +1,1 @@
+"""Benchmarks of oars-fast (`make bench`). Results go to benchmarks/results/."""

@@ -1,0 +1,502 @@
+"""Typed configuration: one dataclass per component, YAML files, dotted overrides.
+
+A job (what one CLI command runs) is a dataclass whose fields are component configs::
+
+    cfg = load_config(SFTJob, "configs/demo/sft.yaml", ["optim.lr=1e-4", "data.batch_size=8"])
+
+Every field carries a docstring in ``metadata["doc"]`` (shown by ``oars-fast <cmd> --help``).
+Validation lives in ``__post_init__`` and raises :class:`ConfigError` naming the field, the bad
+value and the valid values. Batch sizes are *global*; :func:`per_rank` derives the per-rank
+micro-batch with a divisibility check. No config holds a world size.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the valid values."""
+
+
+def doc(default: Any = dataclasses.MISSING, text: str = "", *, factory: Any = None) -> Any:
+    """A dataclass field with a docstring (``metadata['doc']``)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+def _check_choice(obj: Any, name: str, valid: typing.Iterable[Any]) -> None:
+    value = getattr(obj, name)
+    valid = list(valid)
+    if value not in valid:
+        raise ConfigError(f"{type(obj).__name__}.{name}={value!r} is not valid; choose one of {valid}")
+
+
+def _check_range(obj: Any, name: str, lo: float | None = None, hi: float | None = None,
+                 lo_open: bool = False) -> None:
+    value = getattr(obj, name)
+    bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (hi is not None and value > hi)
+    if bad:
+        lo_s = "-inf" if lo is None else f"{lo}"
+        hi_s = "inf" if hi is None else f"{hi}"
+        bracket = "(" if lo_open else "["
+        raise ConfigError(f"{type(obj).__name__}.{name}={value!r} is out of range; valid: {bracket}{lo_s}, {hi_s}]")
+
+
+def _check_pair(obj: Any, name: str, lo: float | None = None, hi: float | None = None) -> None:
+    value = getattr(obj, name)
+    if len(value) != 2 or value[0] > value[1]:
+        raise ConfigError(f"{type(obj).__name__}.{name}={value!r} must be a [low, high] pair with low <= high")
+    for v in value:
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise ConfigError(f"{type(obj).__name__}.{name}={value!r}: values must lie in [{lo}, {hi}]")
+
+
+def _check_probs(obj: Any, name: str, n: int) -> None:
+    value = getattr(obj, name)
+    if len(value) != n or any(p < 0 for p in value) or not math.isclose(sum(value), 1.0, abs_tol=1e-6):
+        raise ConfigError(f"{type(obj).__name__}.{name}={value!r} must be {n} non-negative probabilities summing to 1")
+
+
+def per_rank(global_size: int, world_size: int, grad_accum: int = 1, name: str = "batch_size") -> int:
+    """Per-rank micro-batch from a global batch: ``global = micro * grad_accum * world_size``."""
+    denom = world_size * grad_accum
+    if global_size % denom != 0:
+        raise ConfigError(
+            f"{name}={global_size} (global) is not divisible by world_size*grad_accum={world_size}*{grad_accum}"
+            f"={denom}; choose a multiple of {denom}"
+        )
+    return global_size // denom
+
+
+# --------------------------------------------------------------------------------------------
+# Components
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunConfig:
+    name: str = doc("demo", "run name; outputs go to <output_dir>/<name>/")
+    output_dir: str = doc("runs", "parent folder of run folders")
+    seed: int = doc(0, "global seed (data order, crops, noise, dropout)")
+    device: str = doc("auto", "auto | cpu | cuda (auto: cuda when available)")
+    resume: bool = doc(False, "continue from the newest complete checkpoint in the run folder")
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "device", ["auto", "cpu", "cuda"])
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"RunConfig.name={self.name!r} must be a non-empty folder name without '/'")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+@dataclass
+class DataConfig:
+    source: str = doc("demo", "demo | hr | paired | lq: embedded demo photos, HR folder (LR made by "
+                      "degradation), paired LR/HR folders matched by file stem, LQ folder (no ground truth)")
+    hr_dir: str | None = doc(None, "folder of HR images (source=hr or paired)")
+    lr_dir: str | None = doc(None, "folder of LR images (source=paired)")
+    lq_dir: str | None = doc(None, "folder of real low-quality inputs without ground truth (source=lq)")
+    demo_cache: str = doc("~/.cache/oars-fast/demo", "where the embedded demo patches are written once")
+    demo_patch: int = doc(128, "side of the HR patches cut from the bundled photos")
+    crop_size: int = doc(64, "HR crop side (the LR crop is crop_size/scale)")
+    scale: int = doc(4, "super-resolution factor")
+    batch_size: int = doc(4, "global batch size (all ranks, all accumulation steps together)")
+    num_workers: int = doc(0, "data-loader worker processes per rank")
+    small_image: str = doc("pad", "pad | skip: images smaller than the crop are reflect-padded or skipped")
+    flip: bool = doc(True, "random horizontal/vertical flips (applied alike to LR and HR)")
+    loader: str = doc("torch", "torch | dali")
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "source", ["demo", "hr", "paired", "lq"])
+        _check_choice(self, "small_image", ["pad", "skip"])
+        _check_choice(self, "loader", ["torch", "dali"])
+        _check_choice(self, "scale", [1, 2, 4, 8])
+        _check_range(self, "batch_size", 1)
+        _check_range(self, "num_workers", 0)
+        _check_range(self, "crop_size", 1)
+        if self.crop_size % self.scale:
+            raise ConfigError(f"DataConfig.crop_size={self.crop_size} must be a multiple of scale={self.scale}")
+        needs = {"hr": ["hr_dir"], "paired": ["hr_dir", "lr_dir"], "lq": ["lq_dir"]}.get(self.source, [])
+        for name in needs:
+            if not getattr(self, name):
+                raise ConfigError(f"DataConfig.{name} is required when source={self.source!r}")
+
+
+@dataclass
+class DegradationConfig:
+    """Real-ESRGAN x4plus second-order degradation (defaults are its published settings)."""
+
+    kernel_range: list[int] = doc(None, "odd blur-kernel sizes to draw from", factory=lambda: [7, 9, 11, 13, 15, 17, 19, 21])
+    kernel_list: list[str] = doc(None, "blur kernel types", factory=lambda: [
+        "iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso"])
+    kernel_prob: list[float] = doc(None, "probabilities of kernel_list", factory=lambda: [0.45, 0.25, 0.12, 0.03, 0.12, 0.03])
+    sinc_prob: float = doc(0.1, "probability of a sinc (ringing) kernel in the first blur")
+    blur_sigma: list[float] = doc(None, "Gaussian sigma range, first blur", factory=lambda: [0.2, 3.0])
+    betag_range: list[float] = doc(None, "generalized Gaussian shape range, first blur", factory=lambda: [0.5, 4.0])
+    betap_range: list[float] = doc(None, "plateau shape range, first blur", factory=lambda: [1.0, 2.0])
+    resize_prob: list[float] = doc(None, "P(up, down, keep), first resize", factory=lambda: [0.2, 0.7, 0.1])
+    resize_range: list[float] = doc(None, "scale range, first resize", factory=lambda: [0.15, 1.5])
+    gaussian_noise_prob: float = doc(0.5, "P(Gaussian noise) vs Poisson, first pass")
+    noise_range: list[float] = doc(None, "Gaussian noise sigma range (on 0..255), first pass", factory=lambda: [1.0, 30.0])
+    poisson_scale_range: list[float] = doc(None, "Poisson noise scale range, first pass", factory=lambda: [0.05, 3.0])
+    gray_noise_prob: float = doc(0.4, "P(gray noise: same noise on all channels), first pass")
+    jpeg_range: list[float] = doc(None, "JPEG quality range, first pass", factory=lambda: [30.0, 95.0])
+
+    second_blur_prob: float = doc(0.8, "probability of the second blur")
+    sinc_prob2: float = doc(0.1, "probability of a sinc kernel in the second blur")
+    blur_sigma2: list[float] = doc(None, "Gaussian sigma range, second blur", factory=lambda: [0.2, 1.5])
+    betag_range2: list[float] = doc(None, "generalized Gaussian shape range, second blur", factory=lambda: [0.5, 4.0])
+    betap_range2: list[float] = doc(None, "plateau shape range, second blur", factory=lambda: [1.0, 2.0])
+    resize_prob2: list[float] = doc(None, "P(up, down, keep), second resize", factory=lambda: [0.3, 0.4, 0.3])
+    resize_range2: list[float] = doc(None, "scale range, second resize", factory=lambda: [0.3, 1.2])
+    gaussian_noise_prob2: float = doc(0.5, "P(Gaussian noise) vs Poisson, second pass")
+    noise_range2: list[float] = doc(None, "Gaussian noise sigma range, second pass", factory=lambda: [1.0, 25.0])
+    poisson_scale_range2: list[float] = doc(None, "Poisson noise scale range, second pass", factory=lambda: [0.05, 2.5])
+    gray_noise_prob2: float = doc(0.4, "P(gray noise), second pass")
+    jpeg_range2: list[float] = doc(None, "JPEG quality range, second pass", factory=lambda: [30.0, 95.0])
+    final_sinc_prob: float = doc(0.8, "probability of the final sinc filter")
+
+    def __post_init__(self) -> None:
+        for k in self.kernel_range:
+            if k % 2 == 0 or not 3 <= k <= 21:
+                raise ConfigError(f"DegradationConfig.kernel_range={self.kernel_range!r}: sizes must be odd in [3, 21]")
+        valid_kernels = ["iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso"]
+        for k in self.kernel_list:
+            if k not in valid_kernels:
+                raise ConfigError(f"DegradationConfig.kernel_list has {k!r}; valid kernels: {valid_kernels}")
+        _check_probs(self, "kernel_prob", len(self.kernel_list))
+        _check_probs(self, "resize_prob", 3)
+        _check_probs(self, "resize_prob2", 3)
+        for name in ("sinc_prob", "sinc_prob2", "gaussian_noise_prob", "gaussian_noise_prob2", "gray_noise_prob",
+                     "gray_noise_prob2", "second_blur_prob", "final_sinc_prob"):
+            _check_range(self, name, 0.0, 1.0)
+        for name in ("blur_sigma", "blur_sigma2", "betag_range", "betag_range2", "betap_range", "betap_range2",
+                     "resize_range", "resize_range2", "noise_range", "noise_range2", "poisson_scale_range",
+                     "poisson_scale_range2"):
+            _check_pair(self, name, 0.0)
+        _check_pair(self, "jpeg_range", 1, 100)
+        _check_pair(self, "jpeg_range2", 1, 100)
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str | None = doc(None, "diffusers checkpoint folder or hub id (e.g. Qwen/Qwen-Image-Edit-2509); "
+                                 "None builds the tiny model from `tiny`")
+    tiny: dict = doc(None, "transformer config overrides for the tiny CPU model", factory=dict)
+    prompt_embeds: str | None = doc(None, "safetensors file with the cached SR prompt embedding "
+                                    "(None: computed with the checkpoint's text encoder, or a stored tensor for tiny)")
+    prompt: str = doc("Restore this low-resolution photo into a sharp, detailed high-resolution photo.",
+                      "the fixed SR instruction")
+    dtype: str = doc("fp32", "fp32 | bf16 | fp16 (weights and compute)")
+    attention_backend: str = doc("auto", "auto | native | flash | sage: diffusers attention backend "
+                                 "(auto: flash when installed, else PyTorch SDPA)")
+    gradient_checkpointing: bool = doc(False, "recompute transformer blocks in backward")
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "dtype", ["fp32", "bf16", "fp16"])
+        _check_choice(self, "attention_backend", ["auto", "native", "flash", "sage"])
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = doc(32, "LoRA rank r")
+    alpha: float = doc(64.0, "LoRA alpha (scale = alpha / rank)")
+    target_modules: list[str] = doc(None, "module names to adapt", factory=lambda: [
+        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"])
+    dropout: float = doc(0.0, "LoRA dropout")
+    fused: bool = doc(True, "use the fused Triton LoRA linear where it runs (GPU, or TRITON_INTERPRET=1)")
+
+    def __post_init__(self) -> None:
+        _check_range(self, "rank", 1)
+        _check_range(self, "alpha", 0.0, lo_open=True)
+        _check_range(self, "dropout", 0.0, 1.0)
+        if not self.target_modules:
+            raise ConfigError("LoRAConfig.target_modules must name at least one module")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass
+class SamplerConfig:
+    steps: int = doc(40, "Euler steps (RL rollouts use 6, inference 40)")
+    shift: str = doc("dynamic", "dynamic | fixed | none: resolution-dependent (Qwen-Image), fixed `shift_value`, none")
+    shift_value: float = doc(3.0, "the shift when shift=fixed")
+    base_shift: float = doc(0.5, "dynamic shift: mu at base_seq_len")
+    max_shift: float = doc(0.9, "dynamic shift: mu at max_seq_len")
+    base_seq_len: int = doc(256, "dynamic shift: token count of base_shift")
+    max_seq_len: int = doc(8192, "dynamic shift: token count of max_shift")
+    shift_terminal: float | None = doc(0.02, "stretch sigmas so the last one equals this (None: off)")
+    sde: bool = doc(False, "stochastic (SDE) steps instead of the deterministic ODE")
+    noise_level: float = doc(0.7, "SDE noise level (exploration)")
+
+    def __post_init__(self) -> None:
+        _check_range(self, "steps", 1)
+        _check_choice(self, "shift", ["dynamic", "fixed", "none"])
+        _check_range(self, "noise_level", 0.0)
+        if self.shift_terminal is not None:
+            _check_range(self, "shift_terminal", 0.0, 1.0, lo_open=True)
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = doc(1e-4, "peak learning rate")
+    betas: list[float] = doc(None, "AdamW betas", factory=lambda: [0.9, 0.999])
+    weight_decay: float = doc(0.01, "AdamW weight decay")
+    eps: float = doc(1e-8, "AdamW epsilon")
+    warmup_steps: int = doc(0, "linear warm-up steps")
+    schedule: str = doc("constant", "constant | cosine | linear (after warm-up)")
+    min_lr_ratio: float = doc(0.0, "cosine/linear: final lr as a fraction of lr")
+    grad_clip: float = doc(1.0, "clip the global grad norm to this (0: off)")
+    grad_accum: int = doc(1, "gradient accumulation steps")
+
+    def __post_init__(self) -> None:
+        _check_range(self, "lr", 0.0, lo_open=True)
+        _check_choice(self, "schedule", ["constant", "cosine", "linear"])
+        _check_range(self, "warmup_steps", 0)
+        _check_range(self, "grad_accum", 1)
+        _check_range(self, "grad_clip", 0.0)
+        _check_range(self, "min_lr_ratio", 0.0, 1.0)
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"OptimizerConfig.betas={self.betas!r} must be two values in [0, 1)")
+
+
+@dataclass
+class SFTConfig:
+    steps: int = doc(100, "optimizer steps")
+    train: str = doc("full", "full | lora: train every transformer weight, or a LoRA (see `lora`)")
+    timestep_sampling: str = doc("logit_normal", "uniform | logit_normal | shifted")
+    logit_mean: float = doc(0.0, "logit-normal mean")
+    logit_std: float = doc(1.0, "logit-normal std")
+    ema_decay: float = doc(0.0, "EMA of the trained weights (0: off)")
+    cache_latents: bool = doc(False, "encode HR/LR once and reuse (only for fixed crops: source=demo/paired, flip off)")
+    log_every: int = doc(1, "log line every N steps")
+    sample_every: int = doc(50, "LR | SR | HR grid every N steps (0: off)")
+    save_every: int = doc(50, "checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = doc(2, "how many complete checkpoints to keep")
+
+    def __post_init__(self) -> None:
+        _check_range(self, "steps", 1)
+        _check_choice(self, "train", ["full", "lora"])
+        _check_choice(self, "timestep_sampling", ["uniform", "logit_normal", "shifted"])
+        _check_range(self, "ema_decay", 0.0, 1.0)
+        _check_range(self, "logit_std", 0.0, lo_open=True)
+        for name in ("log_every", "sample_every", "save_every"):
+            _check_range(self, name, 0)
+        _check_range(self, "keep_checkpoints", 1)
+
+
+@dataclass
+class InferConfig:
+    input: str = doc("", "an LR image file or a folder of them")
+    output: str = doc("", "output folder (default: <run_dir>/sr)")
+    checkpoint: str | None = doc(None, "model folder to load (default: model.pretrained)")
+    batch_size: int = doc(4, "tiles per forward pass")
+    tile: int = doc(0, "LR tile side; 0: whole image when it fits max_pixels, else 64")
+    tile_overlap: int = doc(8, "LR pixels of overlap between tiles (blended linearly)")
+    max_pixels: int = doc(512 * 512, "LR images with more pixels than this are tiled")
+
+    def __post_init__(self) -> None:
+        _check_range(self, "batch_size", 1)
+        _check_range(self, "tile", 0)
+        _check_range(self, "tile_overlap", 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Jobs (one per CLI command)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataJob:
+    """`oars-fast data`: prepare the data sets and report what was found."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    degradation: DegradationConfig = field(default_factory=DegradationConfig)
+
+
+@dataclass
+class SFTJob:
+    """`oars-fast sft`: cold-start flow-matching SFT (LR -> HR)."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    degradation: DegradationConfig = field(default_factory=DegradationConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+
+    def __post_init__(self) -> None:
+        per_rank(self.data.batch_size, 1, self.optim.grad_accum, "data.batch_size")
+
+
+@dataclass
+class InferJob:
+    """`oars-fast infer`: LR images -> SR images."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    scale: int = doc(4, "super-resolution factor")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    tp, optional = _strip_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where} may not be null")
+    origin = typing.get_origin(tp)
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if tp is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+        if origin is list:
+            (inner,) = typing.get_args(tp) or (Any,)
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+        if tp is dict or origin is dict:
+            if not isinstance(value, dict):
+                raise ValueError
+            return dict(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}={value!r} is not a valid {getattr(tp, '__name__', tp)}") from None
+    return value
+
+
+def from_dict(cls: type, data: dict | None, where: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys (listing the valid ones)."""
+    data = dict(data or {})
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"unknown config key(s) {[prefix + u for u in unknown]}; valid keys under "
+                          f"{where or 'the top level'}: {names}")
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        tp = hints[name]
+        key = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(data[name], dict):
+                raise ConfigError(f"{key} must be a mapping, got {data[name]!r}")
+            kwargs[name] = from_dict(tp, data[name], key)
+        else:
+            kwargs[name] = _coerce(data[name], tp, key)
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def apply_overrides(data: dict, overrides: typing.Iterable[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict, in order."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p!r} is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> Any:
+    """Load job dataclass `cls` from a YAML file (optional) plus dotted overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    data = apply_overrides(data, overrides)
+    try:
+        return from_dict(cls, data)
+    except ConfigError as e:
+        where = f" (in {path})" if path is not None else ""
+        raise ConfigError(f"{e}{where}") from None
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def describe(cls: type, prefix: str = "") -> list[str]:
+    """One line per leaf field: dotted name, default and docstring (for --help)."""
+    lines = []
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(defaults, f.name)
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            lines.extend(describe(type(value), f"{name}."))
+        else:
+            lines.append(f"  {name} = {value!r}\n      {f.metadata.get('doc', '')}")
+    return lines

@@ -1,0 +1,271 @@
+"""Training data sets: HR folder, paired LR/HR folders, LQ folder; seeded crops; the loader.
+
+A sample is a dict of tensors in [0, 1]:
+
+========  ==============================  =====================================================
+key       shape                           present for
+========  ==============================  =====================================================
+``hr``    (3, crop, crop)                 source ``hr``/``demo`` (LR is made later, on device,
+                                          by :class:`~oars_fast.data.degrade.RealESRGANDegradation`)
+                                          and ``paired``
+``lr``    (3, crop/scale, crop/scale)     ``paired`` (aligned with ``hr``) and ``lq``
+========  ==============================  =====================================================
+
+plus ``index`` (int), ``path`` (str) and ``skipped`` (list of files that could not be used and
+were replaced by the next readable one; counted by the trainer, named in its log).
+
+Randomness is drawn from ``numpy.random.default_rng((seed, epoch, index))``: the same seed gives
+the same sample, and so the same batch, whatever the number of loader workers or ranks.
+"""
+from __future__ import annotations
+
+import abc
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from ..config import DataConfig
+from .images import ImageReadError, load_image, scan_images
+
+log = logging.getLogger(__name__)
+
+
+def reflect_pad_to(img: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Reflect-pad (C, H, W) at the bottom/right to at least (h, w), repeating the reflection as needed."""
+    while img.shape[-2] < h or img.shape[-1] < w:
+        ph = min(h - img.shape[-2], img.shape[-2] - 1) if img.shape[-2] < h else 0
+        pw = min(w - img.shape[-1], img.shape[-1] - 1) if img.shape[-1] < w else 0
+        if ph <= 0 and pw <= 0:  # a 1-pixel side cannot be reflected
+            return F.pad(img[None], (0, max(0, w - img.shape[-1]), 0, max(0, h - img.shape[-2])),
+                         mode="replicate")[0]
+        img = F.pad(img[None], (0, max(pw, 0), 0, max(ph, 0)), mode="reflect")[0]
+    return img
+
+
+class _CropDataset(Dataset, abc.ABC):
+    """Shared machinery: per-sample RNG, skip-and-replace of unusable files."""
+
+    def __init__(self, files: list[Any], cfg: DataConfig, seed: int):
+        self.files = files
+        self.cfg = cfg
+        self.seed = seed
+        self.epoch = 0
+        self._bad: set[int] = set()  # indices known to be unusable (per process)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng((self.seed, self.epoch, index))
+
+    @abc.abstractmethod
+    def _load(self, index: int, rng: np.random.Generator) -> dict:
+        """The sample of file `index`, cropped and flipped with `rng`; ImageReadError if unusable."""
+
+    def __getitem__(self, index: int) -> dict:
+        skipped: list[str] = []
+        for attempt in range(len(self.files)):
+            i = (index + attempt) % len(self.files)
+            if i in self._bad:
+                skipped.append(str(self._name(i)))
+                continue
+            try:
+                sample = self._load(i, self._rng(i))
+            except ImageReadError as e:
+                log.warning("skipping unusable image: %s", e)
+                self._bad.add(i)
+                skipped.append(str(self._name(i)))
+                continue
+            sample.update(index=index, skipped=skipped)
+            return sample
+        raise RuntimeError(f"no usable image among the {len(self.files)} files of this data set "
+                           f"(all skipped; first: {skipped[:3]})")
+
+    def _name(self, i: int) -> Any:
+        return self.files[i]
+
+    def _flip(self, rng: np.random.Generator, *imgs: torch.Tensor) -> list[torch.Tensor]:
+        if not self.cfg.flip:
+            return list(imgs)
+        hflip, vflip = rng.random() < 0.5, rng.random() < 0.5
+        out = []
+        for im in imgs:
+            if hflip:
+                im = im.flip(-1)
+            if vflip:
+                im = im.flip(-2)
+            out.append(im.contiguous())
+        return out
+
+    def _fit(self, img: torch.Tensor, size: int, path: Any) -> torch.Tensor:
+        if img.shape[-2] >= size and img.shape[-1] >= size:
+            return img
+        if self.cfg.small_image == "skip":
+            raise ImageReadError(f"{path} is {img.shape[-1]}x{img.shape[-2]}, smaller than the crop {size}")
+        log.debug("%s is smaller than the crop %d: reflect-padded", path, size)
+        return reflect_pad_to(img, size, size)
+
+
+class HRDataset(_CropDataset):
+    """Random HR crops; the LR is synthesised later by the (batched, on-device) degradation."""
+
+    def _load(self, index: int, rng: np.random.Generator) -> dict:
+        path = self.files[index]
+        c = self.cfg.crop_size
+        img = self._fit(load_image(path), c, path)
+        y = int(rng.integers(0, img.shape[-2] - c + 1))
+        x = int(rng.integers(0, img.shape[-1] - c + 1))
+        (hr,) = self._flip(rng, img[:, y:y + c, x:x + c])
+        return {"hr": hr, "path": str(path)}
+
+
+class LQDataset(_CropDataset):
+    """Random crops of real low-quality inputs (no ground truth) of side crop_size/scale."""
+
+    def _load(self, index: int, rng: np.random.Generator) -> dict:
+        path = self.files[index]
+        c = self.cfg.crop_size // self.cfg.scale
+        img = self._fit(load_image(path), c, path)
+        y = int(rng.integers(0, img.shape[-2] - c + 1))
+        x = int(rng.integers(0, img.shape[-1] - c + 1))
+        (lr,) = self._flip(rng, img[:, y:y + c, x:x + c])
+        return {"lr": lr, "path": str(path)}
+
+
+class PairedDataset(_CropDataset):
+    """Real LR/HR pairs matched by file stem; the HR crop is aligned with the LR crop at `scale`."""
+
+    def _name(self, i: int) -> Any:
+        return self.files[i][1]
+
+    def _load(self, index: int, rng: np.random.Generator) -> dict:
+        lr_path, hr_path = self.files[index]
+        s = self.cfg.scale
+        lr, hr = load_image(lr_path), load_image(hr_path)
+        if hr.shape[-2] != lr.shape[-2] * s or hr.shape[-1] != lr.shape[-1] * s:
+            raise ImageReadError(f"pair {lr_path} / {hr_path}: HR is {hr.shape[-1]}x{hr.shape[-2]}, expected "
+                                 f"{s}x the LR ({lr.shape[-1]}x{lr.shape[-2]})")
+        c = self.cfg.crop_size // s
+        if lr.shape[-2] < c or lr.shape[-1] < c:
+            lr = self._fit(lr, c, lr_path)
+            hr = reflect_pad_to(hr, lr.shape[-2] * s, lr.shape[-1] * s)
+        y = int(rng.integers(0, lr.shape[-2] - c + 1))
+        x = int(rng.integers(0, lr.shape[-1] - c + 1))
+        lr_c = lr[:, y:y + c, x:x + c]
+        hr_c = hr[:, y * s:(y + c) * s, x * s:(x + c) * s]
+        lr_c, hr_c = self._flip(rng, lr_c, hr_c)
+        return {"lr": lr_c, "hr": hr_c, "path": str(hr_path)}
+
+
+def match_pairs(lr_dir: str | Path, hr_dir: str | Path) -> list[tuple[Path, Path]]:
+    """Pair LR and HR files by file stem. Unmatched files are counted in a warning."""
+    lr_files, hr_files = scan_images(lr_dir), scan_images(hr_dir)
+    hr_by_stem = {p.stem: p for p in hr_files}
+    pairs = [(p, hr_by_stem[p.stem]) for p in lr_files if p.stem in hr_by_stem]
+    if not pairs:
+        raise FileNotFoundError(f"no LR file in {lr_dir} has an HR file of the same stem in {hr_dir}")
+    unmatched = len(lr_files) + len(hr_files) - 2 * len(pairs)
+    if unmatched:
+        log.warning("%d files in %s / %s have no partner of the same stem and are ignored", unmatched, lr_dir, hr_dir)
+    return pairs
+
+
+def build_dataset(cfg: DataConfig, seed: int) -> _CropDataset:
+    """The data set named by `cfg.source` (the demo set is built on first use)."""
+    if cfg.source == "demo":
+        from .demo import demo_dataset_dir
+
+        return HRDataset(scan_images(demo_dataset_dir(cfg.demo_cache, cfg.demo_patch) / "train"), cfg, seed)
+    if cfg.source == "hr":
+        return HRDataset(scan_images(cfg.hr_dir), cfg, seed)
+    if cfg.source == "paired":
+        return PairedDataset(match_pairs(cfg.lr_dir, cfg.hr_dir), cfg, seed)
+    return LQDataset(scan_images(cfg.lq_dir), cfg, seed)
+
+
+def collate(samples: list[dict]) -> dict:
+    out: dict[str, Any] = {}
+    for key in ("hr", "lr"):
+        if key in samples[0]:
+            out[key] = torch.stack([s[key] for s in samples])
+    out["index"] = torch.tensor([s["index"] for s in samples])
+    out["path"] = [s["path"] for s in samples]
+    out["skipped"] = [p for s in samples for p in s["skipped"]]
+    return out
+
+
+@dataclass
+class LoaderState:
+    """Where the loader stands: resumable exactly."""
+
+    epoch: int = 0
+    batch: int = 0  # batches already consumed in this epoch (this rank)
+
+
+class ShardedLoader:
+    """Endless, resumable iterator of per-rank batches.
+
+    Each epoch draws one global permutation from ``(seed, epoch)``; rank ``k`` of ``world`` takes
+    every ``world``-th index, cut into per-rank batches of ``micro_batch`` (an incomplete tail is
+    dropped so every rank sees the same number of batches). With one rank and the global batch,
+    this yields exactly the union of what ``world`` ranks would see.
+    """
+
+    def __init__(self, dataset: _CropDataset, micro_batch: int, seed: int, rank: int = 0, world: int = 1,
+                 num_workers: int = 0):
+        if len(dataset) < micro_batch * world:
+            log.warning("data set has %d samples, fewer than one global batch (%d): samples repeat",
+                        len(dataset), micro_batch * world)
+        self.dataset, self.micro_batch, self.seed = dataset, micro_batch, seed
+        self.rank, self.world, self.num_workers = rank, world, num_workers
+        self.state = LoaderState()
+        self.skipped_files: set[str] = set()  # every unusable file met so far
+
+    @property
+    def skipped_total(self) -> int:
+        return len(self.skipped_files)
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        n = len(self.dataset)
+        per_epoch = max(n, self.micro_batch * self.world)
+        perm = np.concatenate([np.random.default_rng((self.seed, epoch, r)).permutation(n)
+                               for r in range(-(-per_epoch // n))])[:per_epoch]
+        mine = perm[self.rank::self.world]
+        nb = len(mine) // self.micro_batch
+        return [mine[i * self.micro_batch:(i + 1) * self.micro_batch].tolist() for i in range(nb)]
+
+    def batches_per_epoch(self) -> int:
+        return len(self._epoch_batches(0))
+
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            epoch = self.state.epoch
+            self.dataset.set_epoch(epoch)
+            batches = self._epoch_batches(epoch)[self.state.batch:]
+            loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
+                                collate_fn=collate, persistent_workers=False)
+            for batch in loader:
+                self.state.batch += 1
+                new = sorted(set(batch["skipped"]) - self.skipped_files)
+                if new:
+                    self.skipped_files.update(new)
+                    log.warning("skipped %d unusable file(s), replaced by the next readable one: %s "
+                                "(unusable so far: %d)", len(new), ", ".join(new[:5]), self.skipped_total)
+                yield batch
+            self.state = LoaderState(epoch=epoch + 1, batch=0)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.state.epoch, "batch": self.state.batch, "skipped_files": sorted(self.skipped_files)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = LoaderState(epoch=int(state["epoch"]), batch=int(state["batch"]))
+        self.skipped_files = set(state.get("skipped_files", []))

@@ -1,0 +1,1 @@
+"""Stages: each composes models, rewards and data into one CLI command."""

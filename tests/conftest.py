@@ -1,0 +1,41 @@
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
+def write_image(path: Path, h: int, w: int, mode: str = "RGB", seed: int = 0) -> Path:
+    """A smooth random image (so that degradations have something to act on)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([np.sin(xx / (3 + c) + rng.random() * 6) * np.cos(yy / (4 + c)) for c in range(3)], -1)
+    arr = ((base * 0.5 + 0.5) * 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "L":
+        Image.fromarray(arr[..., 0]).save(path)
+    elif mode == "RGBA":
+        Image.fromarray(np.concatenate([arr, np.full((h, w, 1), 128, np.uint8)], -1)).save(path)
+    elif mode == "I;16":
+        Image.fromarray(arr[..., 0].astype(np.uint16) * 257).save(path)
+    else:
+        Image.fromarray(arr).save(path)
+    return path
+
+
+@pytest.fixture
+def image_dir(tmp_path):
+    d = tmp_path / "hr"
+    for i in range(6):
+        write_image(d / f"img{i}.png", 80 + 8 * i, 96, seed=i)
+    return d

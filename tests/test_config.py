@@ -1,0 +1,99 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from oars_fast.config import (ConfigError, DataConfig, DataJob, DegradationConfig, InferJob, OptimizerConfig,
+                              SFTJob, load_config, per_rank, save_config)
+
+ROOT = Path(__file__).resolve().parents[1]
+JOBS = {"data": DataJob, "sft": SFTJob, "infer": InferJob}
+
+
+def _job_for(path: Path):
+    return JOBS[path.stem.split("_")[0]]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shipped_yaml_loads_and_validates(path):
+    job = load_config(_job_for(path), path)
+    assert job is not None
+
+
+def test_shipped_configs_exist():
+    assert len(list((ROOT / "configs" / "demo").glob("*.yaml"))) >= 2
+    assert list((ROOT / "configs" / "qwen_image_edit").glob("*.yaml"))
+
+
+def test_overrides_are_typed_and_dotted(tmp_path):
+    job = load_config(SFTJob, ROOT / "configs/demo/sft.yaml",
+                      ["optim.lr=1e-4", "data.batch_size=8", "sft.ema_decay=0.5", "data.flip=false",
+                       "lora.target_modules=[to_q,to_k]", "model.pretrained=null"])
+    assert job.optim.lr == pytest.approx(1e-4) and isinstance(job.optim.lr, float)
+    assert job.data.batch_size == 8 and job.data.flip is False
+    assert job.lora.target_modules == ["to_q", "to_k"]
+    assert job.model.pretrained is None
+    save_config(job, tmp_path / "resolved.yaml")
+    again = load_config(SFTJob, tmp_path / "resolved.yaml")
+    assert again == job
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError) as e:
+        load_config(SFTJob, None, ["optim.learning_rate=1"])
+    assert "optim.learning_rate" in str(e.value) and "'lr'" in str(e.value)
+
+
+def test_bad_choice_names_field_value_and_valid_values():
+    with pytest.raises(ConfigError) as e:
+        load_config(SFTJob, None, ["sft.timestep_sampling=beta"])
+    msg = str(e.value)
+    assert "timestep_sampling" in msg and "'beta'" in msg and "logit_normal" in msg
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"crop_size": 30, "scale": 4}, {"batch_size": 0}, {"source": "hr"}, {"source": "folder"},
+    {"loader": "fast"}, {"small_image": "crop"},
+])
+def test_data_validation(kwargs):
+    with pytest.raises(ConfigError):
+        DataConfig(**kwargs)
+
+
+def test_degradation_validation():
+    with pytest.raises(ConfigError, match="kernel_prob"):
+        DegradationConfig(kernel_prob=[0.5, 0.5])
+    with pytest.raises(ConfigError, match="kernel_range"):
+        DegradationConfig(kernel_range=[8])
+    with pytest.raises(ConfigError, match="jpeg_range"):
+        DegradationConfig(jpeg_range=[90, 30])
+
+
+def test_type_errors_name_the_field():
+    with pytest.raises(ConfigError, match="optim.grad_accum"):
+        load_config(SFTJob, None, ["optim.grad_accum=1.5"])
+    with pytest.raises(ConfigError, match="OptimizerConfig.lr"):
+        OptimizerConfig(lr=-1.0)
+
+
+def test_missing_or_bad_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(SFTJob, tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(SFTJob, bad)
+
+
+def test_per_rank_batch():
+    assert per_rank(64, 8, 2) == 4
+    with pytest.raises(ConfigError, match="not divisible"):
+        per_rank(10, 4)
+    with pytest.raises(ConfigError, match="batch_size"):
+        load_config(SFTJob, None, ["data.batch_size=6", "optim.grad_accum=4"])
+
+
+def test_resolved_yaml_is_plain(tmp_path):
+    save_config(DataJob(), tmp_path / "c.yaml")
+    data = yaml.safe_load((tmp_path / "c.yaml").read_text())
+    assert data["data"]["source"] == "demo" and data["degradation"]["jpeg_range"] == [30.0, 95.0]
