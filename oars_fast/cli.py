@@ -11,7 +11,7 @@ import logging
 import sys
 from dataclasses import dataclass
 
-from .config import ConfigError, DataJob, InferJob, SFTJob, describe, load_config
+from .config import BaseJob, ConfigError, DataJob, InferJob, SFTJob, describe, load_config
 
 
 @dataclass(frozen=True)
@@ -25,10 +25,10 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "data": Command("prepare the data set of a config and report what it holds", DataJob,
                     "oars_fast.stages.data:run"),
-    "sft": Command("cold-start flow-matching SFT (LR -> HR)", SFTJob, None,
-                   "the backbone and SFT stage (issue 3)"),
-    "infer": Command("super-resolve a file or folder of LR images", InferJob, None,
-                     "the backbone, sampler and inference (issue 3)"),
+    "base": Command("demo only: pretrain the tiny model (VAE + generic bicubic SR) as a stand-in base", BaseJob,
+                    "oars_fast.stages.base:run"),
+    "sft": Command("cold-start flow-matching SFT (LR -> HR)", SFTJob, "oars_fast.stages.sft:run"),
+    "infer": Command("super-resolve a file or folder of LR images", InferJob, "oars_fast.stages.infer:run"),
     "rl": Command("online RL (mode=fr: DISTS reward; mode=nr: COMPASS reward) with the NFT objective", None, None,
                   "the RL stage (issue 5)"),
     "merge": Command("merge the RL LoRA delta into the SFT weights", None, None, "the merge stage (issue 5)"),

@@ -137,6 +137,8 @@ class DataConfig:
 class DegradationConfig:
     """Real-ESRGAN x4plus second-order degradation (defaults are its published settings)."""
 
+    kind: str = doc("realesrgan", "realesrgan | bicubic: the second-order chain, or plain bicubic downsampling "
+                    "(a clean generic task: the demo's stand-in for a pretrained base)")
     kernel_range: list[int] = doc(None, "odd blur-kernel sizes to draw from", factory=lambda: [7, 9, 11, 13, 15, 17, 19, 21])
     kernel_list: list[str] = doc(None, "blur kernel types", factory=lambda: [
         "iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso"])
@@ -168,6 +170,7 @@ class DegradationConfig:
     final_sinc_prob: float = doc(0.8, "probability of the final sinc filter")
 
     def __post_init__(self) -> None:
+        _check_choice(self, "kind", ["realesrgan", "bicubic"])
         for k in self.kernel_range:
             if k % 2 == 0 or not 3 <= k <= 21:
                 raise ConfigError(f"DegradationConfig.kernel_range={self.kernel_range!r}: sizes must be odd in [3, 21]")
@@ -281,7 +284,9 @@ class SFTConfig:
     logit_mean: float = doc(0.0, "logit-normal mean")
     logit_std: float = doc(1.0, "logit-normal std")
     ema_decay: float = doc(0.0, "EMA of the trained weights (0: off)")
-    cache_latents: bool = doc(False, "encode HR/LR once and reuse (only for fixed crops: source=demo/paired, flip off)")
+    latent_pool: int = doc(0, "0: crop, degrade and VAE-encode every batch on the fly; N > 0: draw N samples once "
+                           "(crops, flips, degradations), encode them once and train on random batches of this "
+                           "fixed pool (for small runs where the VAE dominates the step time, e.g. the CPU demo)")
     log_every: int = doc(1, "log line every N steps")
     sample_every: int = doc(50, "LR | SR | HR grid every N steps (0: off)")
     save_every: int = doc(50, "checkpoint every N steps (0: only at the end)")
@@ -292,10 +297,27 @@ class SFTConfig:
         _check_choice(self, "train", ["full", "lora"])
         _check_choice(self, "timestep_sampling", ["uniform", "logit_normal", "shifted"])
         _check_range(self, "ema_decay", 0.0, 1.0)
+        _check_range(self, "latent_pool", 0)
         _check_range(self, "logit_std", 0.0, lo_open=True)
         for name in ("log_every", "sample_every", "save_every"):
             _check_range(self, name, 0)
         _check_range(self, "keep_checkpoints", 1)
+
+
+@dataclass
+class VAEPretrainConfig:
+    steps: int = doc(300, "autoencoder steps of the tiny VAE")
+    batch_size: int = doc(8, "HR crops per step")
+    crop_size: int = doc(32, "HR crop side for the autoencoder (convolutional: small crops train faster)")
+    lr: float = doc(1e-3, "AdamW learning rate")
+    kl_weight: float = doc(1e-3, "weight of the posterior KL (per element)")
+
+    def __post_init__(self) -> None:
+        _check_range(self, "steps", 1)
+        _check_range(self, "batch_size", 1)
+        _check_range(self, "crop_size", 8)
+        _check_range(self, "lr", 0.0, lo_open=True)
+        _check_range(self, "kl_weight", 0.0)
 
 
 @dataclass
@@ -342,7 +364,17 @@ class SFTJob:
     sft: SFTConfig = field(default_factory=SFTConfig)
 
     def __post_init__(self) -> None:
+        if self.data.source == "lq":
+            raise ConfigError("SFT needs ground truth: data.source='lq' is not valid here; choose one of "
+                              "['demo', 'hr', 'paired']")
         per_rank(self.data.batch_size, 1, self.optim.grad_accum, "data.batch_size")
+
+
+@dataclass
+class BaseJob(SFTJob):
+    """`oars-fast base`: the demo's small pretrained base (tiny VAE + generic bicubic-SR pre-training)."""
+
+    vae: VAEPretrainConfig = field(default_factory=VAEPretrainConfig)
 
 
 @dataclass

@@ -39,3 +39,26 @@ def image_dir(tmp_path):
     for i in range(6):
         write_image(d / f"img{i}.png", 80 + 8 * i, 96, seed=i)
     return d
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory):
+    """One demo-set cache for the whole session."""
+    return tmp_path_factory.mktemp("demo-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory, demo_cache):
+    """A tiny model whose VAE was briefly trained as an autoencoder (random transformer), saved as a
+    diffusers folder: decoded images mean something, so SR quality can be compared."""
+    from oars_fast.config import BaseJob, load_config
+    from oars_fast.models.backbone import build_tiny
+    from oars_fast.stages.base import pretrain_vae
+
+    out = tmp_path_factory.mktemp("tiny-base")
+    job = load_config(BaseJob, None, [f"data.demo_cache={demo_cache}", "vae.steps=150", "vae.crop_size=32",
+                                      "model.tiny={num_layers: 1}"])
+    model = build_tiny(job.model, seed=0)
+    pretrain_vae(model, job, torch.device("cpu"))
+    model.save_pretrained(out / "model")
+    return out / "model"

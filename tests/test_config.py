@@ -3,11 +3,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from oars_fast.config import (ConfigError, DataConfig, DataJob, DegradationConfig, InferJob, OptimizerConfig,
+from oars_fast.config import (BaseJob, ConfigError, DataConfig, DataJob, DegradationConfig, InferJob, OptimizerConfig,
                               SFTJob, load_config, per_rank, save_config)
 
 ROOT = Path(__file__).resolve().parents[1]
-JOBS = {"data": DataJob, "sft": SFTJob, "infer": InferJob}
+JOBS = {"data": DataJob, "sft": SFTJob, "infer": InferJob, "base": BaseJob}
 
 
 def _job_for(path: Path):

@@ -1,0 +1,253 @@
+"""The SR backbone: a Qwen-Image-Edit-style flow-matching model, from diffusers' public classes.
+
+``QwenImageTransformer2DModel`` + ``AutoencoderKLQwenImage`` + a cached SR prompt embedding.
+
+LR conditioning as in Qwen-Image-Edit: the LR image is upsampled x`scale` (bicubic) to the output
+size, VAE-encoded, packed into 2x2 tokens and concatenated with the noisy target tokens on the
+sequence axis (``img_shapes`` lists both grids, so RoPE sees two frames); the prediction is sliced
+back to the target tokens. The prompt is embedded once (production: the checkpoint's Qwen2.5-VL
+text encoder; tiny model: a stored random tensor) so training never runs the text encoder.
+
+Latent conventions (as the Qwen-Image pipelines): images in [-1, 1] enter the VAE as a one-frame
+video (B, 3, 1, H, W); latents are normalised ``(z - latents_mean) / latents_std``; the VAE
+downsamples 8x, the transformer packs 2x2 latent patches, so output sides must be multiples of 16.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from ..config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# A transformer small enough to train on 2 CPU cores in minutes; the architecture is Qwen-Image's.
+TINY_TRANSFORMER = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=32,
+                        num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(8, 12, 12))
+# The tiny VAE downsamples 4x (production: 8x) so that a few hundred CPU steps make a usable autoencoder.
+TINY_VAE = dict(base_dim=16, z_dim=16, dim_mult=[1, 2, 2], num_res_blocks=1, attn_scales=[],
+                temperal_downsample=[False, True])
+TINY_PROMPT_TOKENS = 8
+PROMPT_FILE = "prompt_embeds.safetensors"
+META_FILE = "oars_fast.json"
+
+
+def pack_latents(z: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, h/2 * w/2, 4C): 2x2 patches as tokens (Qwen-Image's layout)."""
+    b, c, h, w = z.shape
+    return z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, h/2 * w/2, 4C) -> (B, C, h, w); the inverse of :func:`pack_latents`."""
+    b, _, d = tokens.shape
+    c = d // 4
+    return tokens.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+@dataclass
+class PromptEmbedding:
+    embeds: torch.Tensor  # (1, L, joint_attention_dim)
+    mask: torch.Tensor  # (1, L), 1 for real tokens
+
+    def save(self, path: Path) -> None:
+        save_file({"prompt_embeds": self.embeds.contiguous().cpu(), "prompt_mask": self.mask.contiguous().cpu()},
+                  str(path))
+
+    @classmethod
+    def load(cls, path: Path) -> "PromptEmbedding":
+        t = load_file(str(path))
+        return cls(t["prompt_embeds"], t["prompt_mask"])
+
+
+class SRBackbone(nn.Module):
+    """Transformer + VAE + prompt: ``velocity(x_t, t, cond)`` and the latent/image conversions."""
+
+    def __init__(self, transformer: nn.Module, vae: nn.Module, prompt: PromptEmbedding, scale: int = 4):
+        super().__init__()
+        self.transformer = transformer
+        self.vae = vae
+        self.scale = scale
+        self.register_buffer("prompt_embeds", prompt.embeds, persistent=False)
+        self.register_buffer("prompt_mask", prompt.mask, persistent=False)
+        self.vae.requires_grad_(False)
+        zc = vae.config.z_dim
+        self.register_buffer("latents_mean", torch.tensor(vae.config.latents_mean).view(1, zc, 1, 1), persistent=False)
+        self.register_buffer("latents_std", torch.tensor(vae.config.latents_std).view(1, zc, 1, 1), persistent=False)
+
+    # -- geometry ---------------------------------------------------------------------------------
+    @property
+    def vae_factor(self) -> int:
+        return 2 ** len(self.vae.config.temperal_downsample)
+
+    @property
+    def multiple(self) -> int:
+        """Output sides must be multiples of this (VAE factor x patch size)."""
+        return self.vae_factor * self.transformer.config.patch_size
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.config.z_dim
+
+    def latent_shape(self, hr_h: int, hr_w: int) -> tuple[int, int, int]:
+        if hr_h % self.multiple or hr_w % self.multiple:
+            raise ValueError(f"output size {hr_h}x{hr_w} must be a multiple of {self.multiple}")
+        return self.latent_channels, hr_h // self.vae_factor, hr_w // self.vae_factor
+
+    # -- VAE ----------------------------------------------------------------------------------------
+    def encode(self, img: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> normalised latents (B, C, H/8, W/8), float32 (posterior mode)."""
+        vdtype = next(self.vae.parameters()).dtype
+        x = (img.to(vdtype) * 2 - 1).unsqueeze(2)
+        z = self.vae.encode(x).latent_dist.mode()[:, :, 0].float()
+        return (z - self.latents_mean) / self.latents_std
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Normalised latents (B, C, h, w) -> images (B, 3, 8h, 8w) in [0, 1], float32."""
+        vdtype = next(self.vae.parameters()).dtype
+        z = (z.float() * self.latents_std + self.latents_mean).to(vdtype).unsqueeze(2)
+        return (self.vae.decode(z).sample[:, :, 0].float() + 1).mul(0.5).clamp(0, 1)
+
+    def upsample_lr(self, lr: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(lr.float(), scale_factor=self.scale, mode="bicubic", align_corners=False).clamp(0, 1)
+
+    def encode_lr(self, lr: torch.Tensor) -> torch.Tensor:
+        """The conditioning latents: LR upsampled x scale (bicubic), then VAE-encoded."""
+        return self.encode(self.upsample_lr(lr))
+
+    # -- transformer --------------------------------------------------------------------------------
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Predicted velocity (eps - x0) for noisy latents `x_t` at times `t` (B,) given LR latents `cond`.
+
+        Shapes: x_t, cond (B, C, h, w) with h, w even; returns (B, C, h, w) in the transformer's dtype.
+        """
+        b, _, h, w = x_t.shape
+        tdtype = self.transformer.dtype
+        target = pack_latents(x_t.to(tdtype))
+        tokens = torch.cat([target, pack_latents(cond.to(tdtype))], dim=1)
+        grid = (1, h // 2, w // 2)
+        out = self.transformer(
+            hidden_states=tokens,
+            encoder_hidden_states=self.prompt_embeds.to(tdtype).expand(b, -1, -1),
+            encoder_hidden_states_mask=self.prompt_mask.expand(b, -1),
+            timestep=t.to(tdtype).expand(b) if t.numel() == 1 else t.to(tdtype),
+            img_shapes=[[grid, grid]] * b,
+            return_dict=False,
+        )[0]
+        return unpack_latents(out[:, : target.shape[1]], h, w)
+
+    # -- persistence --------------------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path, transformer_state: dict | None = None) -> None:
+        """A diffusers-style folder: transformer/, vae/, prompt_embeds.safetensors, oars_fast.json."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.transformer.save_pretrained(path / "transformer", state_dict=transformer_state)
+        self.vae.save_pretrained(path / "vae")
+        PromptEmbedding(self.prompt_embeds, self.prompt_mask).save(path / PROMPT_FILE)
+        (path / META_FILE).write_text(json.dumps({"scale": self.scale}))
+
+
+def _set_attention_backend(transformer: nn.Module, backend: str) -> None:
+    if backend == "auto":
+        try:
+            import flash_attn  # noqa: F401
+
+            backend = "flash" if torch.cuda.is_available() else "native"
+        except ImportError:
+            backend = "native"
+    if backend != "native":
+        transformer.set_attention_backend(backend)
+    log.info("attention backend: %s", backend)
+
+
+def build_tiny(cfg: ModelConfig, seed: int = 0, scale: int = 4) -> SRBackbone:
+    """A tiny random-weight model of the production architecture (CPU demo and tests)."""
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    tcfg = {**TINY_TRANSFORMER, **cfg.tiny}
+    transformer = QwenImageTransformer2DModel(**tcfg)
+    vae = AutoencoderKLQwenImage(**TINY_VAE)
+    g = torch.Generator().manual_seed(seed + 1)
+    prompt = PromptEmbedding(torch.randn(1, TINY_PROMPT_TOKENS, tcfg["joint_attention_dim"], generator=g),
+                             torch.ones(1, TINY_PROMPT_TOKENS, dtype=torch.long))
+    return SRBackbone(transformer, vae, prompt, scale)
+
+
+def encode_prompt_with_text_encoder(pretrained: str, prompt: str, device: torch.device) -> PromptEmbedding:
+    """Embed `prompt` once with the checkpoint's own text encoder (Qwen2.5-VL) via diffusers' pipeline."""
+    from diffusers import QwenImagePipeline
+
+    try:
+        pipe = QwenImagePipeline.from_pretrained(pretrained, transformer=None, vae=None, torch_dtype=torch.bfloat16)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(
+            f"cannot load the text encoder of {pretrained} to embed the SR prompt ({e}). Either place the checkpoint "
+            f"with its text_encoder/ and tokenizer/ folders there (huggingface-cli download {pretrained}), or give "
+            f"model.prompt_embeds=<file with prompt_embeds/prompt_mask tensors>.") from None
+    pipe.text_encoder.to(device)
+    with torch.no_grad():
+        embeds, mask = pipe.encode_prompt(prompt=[prompt], device=device)
+    del pipe
+    return PromptEmbedding(embeds.float().cpu(), mask.long().cpu())
+
+
+def load_backbone(cfg: ModelConfig, scale: int = 4, device: torch.device | str = "cpu", seed: int = 0,
+                  train_dtype: bool = False) -> SRBackbone:
+    """The model of `cfg`: a diffusers checkpoint folder or hub id, or the tiny model.
+
+    `train_dtype=True` keeps the transformer in float32 (master weights; compute runs under
+    autocast in `cfg.dtype`); otherwise the transformer is cast to `cfg.dtype`. The VAE runs in
+    `cfg.dtype` except float16 (its activations overflow there; it then runs in float32).
+    """
+    dtype = DTYPES[cfg.dtype]
+    if cfg.pretrained is None:
+        model = build_tiny(cfg, seed, scale)
+    else:
+        from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+
+        src = cfg.pretrained
+        local = Path(src).expanduser()
+        if local.exists() and not (local / "transformer").is_dir():
+            raise FileNotFoundError(f"{local} is not a diffusers checkpoint folder: expected {local}/transformer/ "
+                                    f"and {local}/vae/ (as written by save_pretrained or the hub layout)")
+        src = str(local) if local.exists() else src
+        try:
+            transformer = QwenImageTransformer2DModel.from_pretrained(src, subfolder="transformer")
+            vae = AutoencoderKLQwenImage.from_pretrained(src, subfolder="vae")
+        except OSError as e:
+            raise FileNotFoundError(
+                f"cannot load the model weights of {src!r}: {e}. Expected a diffusers folder with transformer/ and vae/ "
+                f"(e.g. `huggingface-cli download Qwen/Qwen-Image-Edit-2509 --local-dir DIR`, then model.pretrained=DIR)."
+            ) from None
+        if cfg.prompt_embeds:
+            prompt = PromptEmbedding.load(Path(cfg.prompt_embeds).expanduser())
+        elif local.exists() and (local / PROMPT_FILE).is_file():
+            prompt = PromptEmbedding.load(local / PROMPT_FILE)
+        else:
+            prompt = encode_prompt_with_text_encoder(src, cfg.prompt, torch.device(device))
+        meta = local / META_FILE
+        if local.exists() and meta.is_file():
+            scale = json.loads(meta.read_text()).get("scale", scale)
+        model = SRBackbone(transformer, vae, prompt, scale)
+    _set_attention_backend(model.transformer, cfg.attention_backend)
+    if cfg.gradient_checkpointing:
+        model.transformer.enable_gradient_checkpointing()
+    model.to(device)
+    _cast(model.transformer, torch.float32 if train_dtype else dtype)
+    _cast(model.vae, torch.float32 if dtype == torch.float16 else dtype)
+    return model
+
+
+def _cast(module: nn.Module, dtype: torch.dtype) -> None:
+    if next(module.parameters()).dtype != dtype:
+        module.to(dtype)

@@ -1,0 +1,1 @@
+"""What every training stage needs: devices, seeds, schedules, EMA, checkpoints, step logs."""

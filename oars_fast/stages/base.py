@@ -1,0 +1,94 @@
+"""`oars-fast base`: the demo's stand-in for a pretrained base checkpoint (tiny model only).
+
+A randomly initialised model cannot stand in for a *pretrained* base: RL explores from the base,
+and merging the RL delta into the SFT weights only means what it means at scale when SFT itself
+started from that base. So the demo makes a small base first:
+
+1. VAE: the tiny ``AutoencoderKLQwenImage`` learns to reconstruct HR crops (L1 + MSE, a light KL
+   on the posterior); its latent statistics are then measured and written to its config
+   (``latents_mean`` / ``latents_std``), as the production VAE ships them.
+2. Transformer: generic flow-matching pre-training on a clean task, 4x *bicubic* downsampling
+   (``degradation.kind=bicubic``), through the same SFT loop.
+
+The result, ``runs/<name>/model/``, is what ``model.pretrained`` of the demo's SFT and RL configs
+names. Production runs start from Qwen-Image-Edit-2509 instead and never run this stage.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import torch
+
+from ..config import BaseJob
+from ..data.datasets import ShardedLoader, build_dataset
+from ..models.backbone import SRBackbone, build_tiny
+from ..runtime.common import pick_device, seed_everything
+from .sft import SFTStage
+
+log = logging.getLogger(__name__)
+
+
+def pretrain_vae(model: SRBackbone, job: BaseJob, device: torch.device) -> list[float]:
+    """Train the tiny VAE as an autoencoder; then set its latent normalisation from data."""
+    cfg = job.vae
+    vae = model.vae
+    vae.requires_grad_(True).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
+    data = dataclasses.replace(job.data, crop_size=cfg.crop_size)
+    loader = iter(ShardedLoader(build_dataset(data, job.run.seed + 7), cfg.batch_size, job.run.seed + 7))
+    losses = []
+    t0 = time.perf_counter()
+    for step in range(1, cfg.steps + 1):
+        hr = next(loader)["hr"].to(device)
+        x = (hr * 2 - 1).unsqueeze(2)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        kl = 0.5 * (post.mean.pow(2) + post.var - 1.0 - post.logvar).mean()
+        loss = (rec - x).abs().mean() + (rec - x).pow(2).mean() + cfg.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss))
+        if step % max(1, cfg.steps // 10) == 0 or step == 1:
+            log.info("base vae step %d loss %.4f (%.1f steps/s)", step, losses[-1], step / (time.perf_counter() - t0))
+    vae.requires_grad_(False).eval()
+    # latent statistics of the data set, as the production VAE's config carries them
+    with torch.no_grad():
+        zs = []
+        for _ in range(8):
+            hr = next(loader)["hr"].to(device)
+            zs.append(vae.encode((hr * 2 - 1).unsqueeze(2)).latent_dist.mode()[:, :, 0])
+        z = torch.cat(zs).transpose(0, 1).flatten(1)
+        mean, std = z.mean(1), z.std(1).clamp_min(1e-3)
+    vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
+    model.latents_mean.copy_(mean.view(1, -1, 1, 1))
+    model.latents_std.copy_(std.view(1, -1, 1, 1))
+    return losses
+
+
+def run(job: BaseJob) -> int:
+    if job.model.pretrained is not None:
+        raise SystemExit("oars-fast base builds the tiny demo base; model.pretrained must be null "
+                         "(production runs start from the real checkpoint and skip this stage)")
+    device = pick_device(job.run.device)
+    seed_everything(job.run.seed)
+    run_dir = job.run.run_dir
+    model = build_tiny(job.model, job.run.seed, job.data.scale).to(device)
+    vae_losses = pretrain_vae(model, job, device)
+    init_dir = run_dir / "init"
+    model.save_pretrained(init_dir)
+    print(f"base: VAE reconstruction loss {vae_losses[0]:.4f} -> {vae_losses[-1]:.4f}")
+    # generic transformer pre-training through the SFT loop, starting from the folder just written
+    sft_job = dataclasses.replace(job, model=dataclasses.replace(job.model, pretrained=str(init_dir)))
+    stage = SFTStage(sft_job).setup()
+    try:
+        losses = stage.train()
+        stage.write_samples()
+    finally:
+        stage.cleanup()
+    print(f"base: generic pre-training loss {losses[0]:.4f} -> {losses[-1]:.4f}; base model in {run_dir / 'model'}")
+    return 0
+
