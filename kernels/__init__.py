@@ -1,1 +1,17 @@
-"""Triton kernels of oars-fast, installed as `oars_fast.kernels`. Imports torch and triton only."""
+"""Triton kernels of oars-fast, installed as `oars_fast.kernels`. Imports torch and triton only.
+
+Each op file holds the `@triton.jit` kernels, their launchers, the torch.library op (custom op +
+fake + autograd), the public function and a pure-torch `*_ref` with the same signature. Where
+Triton cannot run (CPU tensors without TRITON_INTERPRET=1) the public functions use the refs.
+"""
+from ._common import backend, get_backend, set_backend, use_triton
+from .lora_linear import lora_linear, lora_linear_ref
+from .nft_loss import nft_loss, nft_loss_ref, nft_loss_with_stats
+from .rewards import compass_reward, compass_reward_ref, group_advantages, group_advantages_ref
+
+__all__ = [
+    "backend", "get_backend", "set_backend", "use_triton",
+    "lora_linear", "lora_linear_ref",
+    "nft_loss", "nft_loss_ref", "nft_loss_with_stats",
+    "compass_reward", "compass_reward_ref", "group_advantages", "group_advantages_ref",
+]

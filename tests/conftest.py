@@ -1,9 +1,17 @@
+import os
+
+import torch
+
+# Triton kernels run through Triton's interpreter on CPU-only machines; this must be set before
+# oars_fast.kernels is imported. On a GPU machine they compile for the GPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,6 +5,8 @@ what we save loads with peft/diffusers and what they save loads here.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 
@@ -54,3 +56,48 @@ def merged_state_dict(transformer: nn.Module, adapter_names: list[str] | None = 
             value = (value.float() + deltas[plain].to(value.device)).to(value.dtype)
         out[plain] = value
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_class():
+    from peft.tuners.lora import Linear as PeftLoraLinear
+
+    from ..kernels import lora_linear
+
+    class FusedLoraLinear(PeftLoraLinear):
+        """peft's LoRA Linear, forward through the fused ``oars_fast.kernels.lora_linear`` op.
+
+        Same parameters, buffers and state-dict keys as peft's layer (only ``forward`` differs), so
+        checkpoints, adapter switching (``set_adapter``/``disable_adapters``) and merging behave as
+        in peft. Cases the fused op does not cover (several active adapters, dropout > 0, DoRA and
+        other variants, LoRA bias, mixed-batch adapters, merged weights) use peft's own forward.
+        """
+
+        def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            active = [a for a in self.active_adapters if a in self.lora_A]
+            if (self.disable_adapters or self.merged or args or kwargs or len(active) != 1
+                    or active[0] in self.lora_variant
+                    or not isinstance(self.lora_dropout[active[0]], nn.Identity)
+                    or self.lora_A[active[0]].bias is not None or self.lora_B[active[0]].bias is not None):
+                return super().forward(x, *args, **kwargs)
+            a = active[0]
+            base = self.get_base_layer()
+            return lora_linear(x, base.weight, base.bias, self.lora_A[a].weight, self.lora_B[a].weight,
+                               float(self.scaling[a]))
+
+    return PeftLoraLinear, FusedLoraLinear
+
+
+def use_fused_lora(model: nn.Module, enabled: bool = True) -> int:
+    """Switch every peft LoRA Linear in `model` to the fused forward (or back). Returns how many.
+
+    Only the layers' class changes (to a subclass that overrides ``forward``); no parameter, key
+    or peft class is touched."""
+    base_cls, fused_cls = _fused_class()
+    src, dst = (base_cls, fused_cls) if enabled else (fused_cls, base_cls)
+    n = 0
+    for m in model.modules():
+        if type(m) is src:
+            m.__class__ = dst
+            n += 1
+    return n

@@ -5,7 +5,7 @@ and merging the RL delta into the SFT weights only means what it means at scale 
 started from that base. So the demo makes a small base first:
 
 1. VAE: the tiny ``AutoencoderKLQwenImage`` learns to reconstruct HR crops (L1 + MSE, a light KL
-   on the posterior); its latent statistics are then measured and written to its config
+   on the posterior; AdamW, warm-up then cosine decay); its latent statistics are then measured and written to its config
    (``latents_mean`` / ``latents_std``), as the production VAE ships them.
 2. Transformer: generic flow-matching pre-training on a clean task, 4x *bicubic* downsampling
    (``degradation.kind=bicubic``), through the same SFT loop.
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 
 import torch
@@ -36,6 +37,9 @@ def pretrain_vae(model: SRBackbone, job: BaseJob, device: torch.device) -> list[
     vae = model.vae
     vae.requires_grad_(True).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
+    warm = max(1, cfg.steps // 40)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
     data = dataclasses.replace(job.data, crop_size=cfg.crop_size)
     loader = iter(ShardedLoader(build_dataset(data, job.run.seed + 7), cfg.batch_size, job.run.seed + 7))
     losses = []
@@ -51,7 +55,8 @@ def pretrain_vae(model: SRBackbone, job: BaseJob, device: torch.device) -> list[
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        losses.append(float(loss))
+        sched.step()
+        losses.append(float(loss.detach()))
         if step % max(1, cfg.steps // 10) == 0 or step == 1:
             log.info("base vae step %d loss %.4f (%.1f steps/s)", step, losses[-1], step / (time.perf_counter() - t0))
     vae.requires_grad_(False).eval()

@@ -42,7 +42,7 @@ from ..data.degrade import RealESRGANDegradation
 from ..data.images import load_image, make_grid, save_image, scan_images
 from ..models.backbone import DTYPES, SRBackbone, load_backbone
 from ..models.flow import flow_matching_loss, sample_timesteps
-from ..models.lora import add_lora, merged_state_dict
+from ..models.lora import add_lora, merged_state_dict, use_fused_lora
 from ..models.sampler import _autocast, sample_sr
 from ..runtime import checkpoint as ckpt
 from ..runtime.common import (EMA, build_optimizer, memory_gib, pick_device, rng_state, seed_everything,
@@ -86,6 +86,8 @@ class SFTStage:
         if job.sft.train == "lora":
             tr.requires_grad_(False)
             add_lora(tr, job.lora)
+            if job.lora.fused:
+                use_fused_lora(tr)
         else:
             tr.requires_grad_(True)
         tr.train()
