@@ -27,6 +27,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+if __package__ != "oars_fast.kernels":  # see kernels/__init__.py: never register the ops twice
+    raise ImportError(f"{__name__}: import it as oars_fast.kernels.{__name__.rsplit('.', 1)[-1]}")
+
 from ._common import INTERPRET, use_triton
 
 FUSED_MIN_ROWS = 128

@@ -232,3 +232,21 @@ def test_group_advantages_errors():
         K.group_advantages(torch.rand(10), 3)
     with pytest.raises(ValueError, match="1-D"):
         K.group_advantages(torch.rand(2, 3), 3)
+
+
+def test_top_level_kernels_import_is_inert():
+    """From the repo root `kernels/` is reachable as a top-level package; libraries probing for the PyPI
+    `kernels` import it. That import must not register our ops again (it corrupted the dispatcher)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    code = ("import sys; sys.path.insert(0, %r)\n"
+            "import oars_fast.kernels as ok\n"
+            "import kernels\n"
+            "assert kernels is not ok and not hasattr(kernels, 'lora_linear') and not hasattr(kernels, '__version__')\n"
+            "import torch\n"
+            "print(float(ok.group_advantages(torch.rand(8), 4)[0].sum()))\n" % root)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
