@@ -11,7 +11,7 @@ import logging
 import sys
 from dataclasses import dataclass
 
-from .config import BaseJob, ConfigError, DataJob, InferJob, SFTJob, describe, load_config
+from .config import BaseJob, ConfigError, DataJob, InferJob, MergeJob, SFTJob, describe, load_config
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,8 @@ COMMANDS: dict[str, Command] = {
     "infer": Command("super-resolve a file or folder of LR images", InferJob, "oars_fast.stages.infer:run"),
     "rl": Command("online RL (mode=fr: DISTS reward; mode=nr: COMPASS reward) with the NFT objective", None, None,
                   "the RL stage (issue 5)"),
-    "merge": Command("merge the RL LoRA delta into the SFT weights", None, None, "the merge stage (issue 5)"),
+    "merge": Command("merge a LoRA delta (OARS: the RL LoRA) into a model's weights (OARS: the SFT model)",
+                     MergeJob, "oars_fast.stages.merge:run"),
     "compass-sft": Command("train the COMPASS reward model", None, None, "the COMPASS reward model"),
     "eval": Command("PSNR / SSIM / DISTS of SR outputs against ground truth", None, None, "the eval stage"),
     "pipeline": Command("every stage in order, with its report", None, None, "the end-to-end pipeline"),

@@ -321,6 +321,14 @@ class VAEPretrainConfig:
 
 
 @dataclass
+class MergeConfig:
+    model: str = doc("", "model folder to merge into (OARS: the SFT model)")
+    lora: str = doc("", "LoRA adapter folder (adapter_model.safetensors + adapter_config.json)")
+    output: str = doc("", "output model folder")
+    weight: float = doc(1.0, "multiplier of the LoRA delta")
+
+
+@dataclass
 class InferConfig:
     input: str = doc("", "an LR image file or a folder of them")
     output: str = doc("", "output folder (default: <run_dir>/sr)")
@@ -375,6 +383,14 @@ class BaseJob(SFTJob):
     """`oars-fast base`: the demo's small pretrained base (tiny VAE + generic bicubic-SR pre-training)."""
 
     vae: VAEPretrainConfig = field(default_factory=VAEPretrainConfig)
+
+
+@dataclass
+class MergeJob:
+    """`oars-fast merge`: LoRA delta into a model's weights."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
 
 
 @dataclass

@@ -94,3 +94,41 @@ def test_merged_state_dict_equals_adapter_forward():
         m.transformer = plain
         merged = m.velocity(x, t, c)
     assert torch.allclose(with_lora, merged, atol=1e-5)
+
+
+def test_lora_sft_adapter_merges_into_another_model(tmp_path, demo_cache):
+    """The OARS merge: a LoRA trained on one model (the base), its delta added into another (the SFT
+    model), equals that other model running the adapter through peft."""
+    from peft import LoraConfig
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from oars_fast.cli import main
+    from oars_fast.config import SFTJob, load_config
+    from oars_fast.models.backbone import load_backbone
+    from oars_fast.stages.sft import SFTStage
+
+    job = load_config(SFTJob, None, [f"run.output_dir={tmp_path}", "run.name=l", "run.device=cpu",
+                                     f"data.demo_cache={demo_cache}", "data.crop_size=32", "data.batch_size=2",
+                                     "model.tiny={num_layers: 1}", "sft.train=lora", "lora.rank=4", "lora.alpha=8",
+                                     "lora.target_modules=[to_q,to_v,add_k_proj]", "sft.steps=3", "optim.lr=1e-2",
+                                     "sft.save_every=0", "sft.sample_every=0"])
+    stage = SFTStage(job).setup()
+    stage.train()
+    stage.cleanup()
+    lora_dir = tmp_path / "l" / "model" / "lora"
+    other = build_tiny(ModelConfig(tiny={"num_layers": 1}), seed=5)  # stands in for the SFT model
+    other.save_pretrained(tmp_path / "sft")
+    assert main(["merge", f"merge.model={tmp_path / 'sft'}", f"merge.lora={lora_dir}",
+                 f"merge.output={tmp_path / 'merged'}"]) == 0
+    merged = load_backbone(ModelConfig(pretrained=str(tmp_path / "merged")), device="cpu").eval()
+    with_adapter = load_backbone(ModelConfig(pretrained=str(tmp_path / "sft")), device="cpu").eval()
+    with_adapter.transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_v", "add_k_proj"]))
+    set_peft_model_state_dict(with_adapter.transformer, load_file(str(lora_dir / "adapter_model.safetensors")))
+    x, c, t = torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4), torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        a, b = merged.velocity(x, t, c), with_adapter.velocity(x, t, c)
+        with_adapter.transformer.disable_adapters()
+        plain = with_adapter.velocity(x, t, c)
+    assert torch.allclose(a, b, atol=1e-5)
+    assert not torch.allclose(a, plain, atol=1e-4)  # the adapter did learn something

@@ -101,3 +101,54 @@ def use_fused_lora(model: nn.Module, enabled: bool = True) -> int:
             m.__class__ = dst
             n += 1
     return n
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def save_lora(transformer: nn.Module, folder, adapter_name: str = "default") -> None:
+    """Write the adapter as peft does: adapter_model.safetensors (peft keys) + adapter_config.json."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().contiguous().cpu() for k, v in lora_state_dict(transformer, adapter_name).items()}
+    save_file(sd, str(folder / ADAPTER_WEIGHTS))
+    cfg = transformer.peft_config[adapter_name].to_dict()
+    cfg["target_modules"] = sorted(cfg["target_modules"]) if cfg.get("target_modules") else cfg.get("target_modules")
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=1, default=str))
+
+
+def lora_deltas(folder) -> dict[str, torch.Tensor]:
+    """``{weight key: scale * B @ A}`` of a peft/diffusers LoRA folder (keys with or without a
+    ``transformer.`` prefix; scale = alpha / r, or alpha / sqrt(r) with rsLoRA; float32)."""
+    import json
+    import math
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    for f in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+        if not (folder / f).is_file():
+            raise FileNotFoundError(f"LoRA folder {folder} lacks {f} (expected peft's adapter layout: "
+                                    f"{ADAPTER_WEIGHTS} + {ADAPTER_CONFIG})")
+    cfg = json.loads((folder / ADAPTER_CONFIG).read_text())
+    sd = load_file(str(folder / ADAPTER_WEIGHTS))
+    r, alpha = cfg["r"], cfg["lora_alpha"]
+    scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    deltas = {}
+    for key, a in sd.items():
+        if ".lora_A." not in key:
+            continue
+        b = sd[key.replace(".lora_A.", ".lora_B.")]
+        target = key.split(".lora_A.")[0] + ".weight"
+        target = target[len("transformer."):] if target.startswith("transformer.") else target
+        deltas[target] = scale * (b.float() @ a.float())
+    if not deltas:
+        raise ValueError(f"no lora_A/lora_B pairs in {folder / ADAPTER_WEIGHTS}")
+    return deltas

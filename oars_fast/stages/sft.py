@@ -16,7 +16,7 @@ Mixed precision: float32 master weights, compute under autocast in ``model.dtype
 Outputs in ``runs/<name>/``: ``config.yaml``, ``logs/sft.jsonl`` + TensorBoard, ``samples/`` (LR | SR
 | HR grids), ``checkpoints/step_N/`` (trainable weights as safetensors + training state, written
 atomically), and at the end ``model/``: a diffusers-loadable folder (EMA weights when enabled,
-LoRA merged in LoRA mode). ``--resume`` continues from the newest complete checkpoint with the
+LoRA merged in LoRA mode, the adapter alone also in ``model/lora/`` in peft's layout). ``--resume`` continues from the newest complete checkpoint with the
 RNG, data position, optimizer, schedule and EMA restored (the same losses as an uninterrupted run).
 
 Launch:
@@ -42,7 +42,7 @@ from ..data.degrade import RealESRGANDegradation
 from ..data.images import load_image, make_grid, save_image, scan_images
 from ..models.backbone import DTYPES, SRBackbone, load_backbone
 from ..models.flow import flow_matching_loss, sample_timesteps
-from ..models.lora import add_lora, merged_state_dict, use_fused_lora
+from ..models.lora import add_lora, merged_state_dict, save_lora, use_fused_lora
 from ..models.sampler import _autocast, sample_sr
 from ..runtime import checkpoint as ckpt
 from ..runtime.common import (EMA, build_optimizer, memory_gib, pick_device, rng_state, seed_everything,
@@ -305,6 +305,8 @@ class SFTStage:
             SRBackbone(plain, self.model.vae, self._prompt(), self.model.scale).save_pretrained(tmp)
         else:
             self.model.save_pretrained(tmp)
+        if self.job.sft.train == "lora":
+            save_lora(tr, tmp / "lora")
         if backup is not None:
             with torch.no_grad():
                 for k, p in self.params.items():
