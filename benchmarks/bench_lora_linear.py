@@ -8,15 +8,12 @@ frozen base (as in RL), gradients for x, A and B.
 """
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
 from oars_fast.kernels import lora_linear, lora_linear_ref
 
-from .harness import RESULTS, Case, run_case
+from .harness import Case, bench_main
 
 
 def _peft_layer(hidden: int, rank: int, dtype, device):
@@ -64,12 +61,7 @@ def cases(smoke: bool = False):
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--smoke", action="store_true", help="one tiny shape (harness check; not a result)")
-    ap.add_argument("--out", type=Path, default=RESULTS)
-    args = ap.parse_args(argv)
-    for case in cases(args.smoke):
-        run_case(case, args.out, note="smoke" if args.smoke else "", reps=3 if args.smoke else 10)
+    bench_main(__doc__, cases, argv)
 
 
 if __name__ == "__main__":

@@ -8,14 +8,13 @@ bandwidth printed first.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 
 from oars_fast.kernels import nft_loss, nft_loss_ref
 
-from .harness import RESULTS, Case, copy_bandwidth, run_case, write_rows
+from .harness import Case, bench_main, copy_bandwidth, device_name, git_sha, write_rows
 
 
 def make_case(shape: tuple[int, ...], dtype, device) -> Case:
@@ -51,21 +50,16 @@ def cases(smoke: bool = False):
     return [make_case(s, torch.bfloat16, device) for s in ((24, 16, 128, 128), (48, 16, 128, 128), (24, 16, 256, 256))]
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--smoke", action="store_true", help="one tiny shape (harness check; not a result)")
-    ap.add_argument("--out", type=Path, default=RESULTS)
-    args = ap.parse_args(argv)
-    if not args.smoke:
-        bw = copy_bandwidth()
-        print(f"measured copy bandwidth: {bw:.0f} GB/s")
-        from .harness import device_name, git_sha
+def _copy_ceiling(out: Path) -> None:
+    bw = copy_bandwidth()
+    print(f"measured copy bandwidth: {bw:.0f} GB/s")
+    write_rows([{"device": device_name(), "git_sha": git_sha(), "torch": torch.__version__, "kernel": "copy",
+                 "shape": "1 GiB", "provider": "torch.copy_", "mode": "copy", "gbps": f"{bw:.1f}"}],
+               out / "nft_loss.csv")
 
-        write_rows([{"device": device_name(), "git_sha": git_sha(), "torch": torch.__version__, "kernel": "copy",
-                     "shape": "1 GiB", "provider": "torch.copy_", "mode": "copy", "gbps": f"{bw:.1f}"}],
-                   args.out / "nft_loss.csv")
-    for case in cases(args.smoke):
-        run_case(case, args.out, note="smoke" if args.smoke else "", reps=3 if args.smoke else 10)
+
+def main(argv=None) -> None:
+    bench_main(__doc__, cases, argv, before=_copy_ceiling)
 
 
 if __name__ == "__main__":

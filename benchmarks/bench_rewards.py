@@ -5,14 +5,11 @@ their eager references vs torch.compile; N = K x inputs rewards (K = 24).
 """
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import torch
 
 from oars_fast.kernels import compass_reward, compass_reward_ref, group_advantages, group_advantages_ref
 
-from .harness import RESULTS, Case, run_case
+from .harness import Case, bench_main
 
 
 def compass_case(n: int, device) -> Case:
@@ -47,12 +44,7 @@ def cases(smoke: bool = False):
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes (harness check; not a result)")
-    ap.add_argument("--out", type=Path, default=RESULTS)
-    args = ap.parse_args(argv)
-    for case in cases(args.smoke):
-        run_case(case, args.out, note="smoke" if args.smoke else "", reps=3 if args.smoke else 10)
+    bench_main(__doc__, cases, argv)
 
 
 if __name__ == "__main__":

@@ -148,6 +148,20 @@ def run_case(case: Case, out_dir: Path = RESULTS, note: str = "", reps: int = 10
     return rows
 
 
+def bench_main(doc: str, cases: Callable[[bool], list[Case]], argv=None, before: Callable[[Path], None] | None = None):
+    """The command line shared by the kernel benchmarks: ``[--smoke] [--out DIR]``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes (a harness check; not a result)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    if before is not None and not args.smoke:
+        before(args.out)
+    for case in cases(args.smoke):
+        run_case(case, args.out, note="smoke" if args.smoke else "", reps=3 if args.smoke else 10)
+
+
 def write_rows(rows: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists()

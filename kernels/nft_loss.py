@@ -34,6 +34,17 @@ _CHUNK_BLOCKS = 16  # elements per program = _BLOCK * _CHUNK_BLOCKS (fewer, larg
 
 
 @triton.jit
+def _nft_errors(vth_ptr, vold_ptr, vtgt_ptr, row, idx, m, t, beta):
+    """Load one block of a sample; return (v_theta, e+, e-) in fp32 (masked lanes: zeros)."""
+    th = tl.load(vth_ptr + row + idx, mask=m, other=0.0).to(tl.float32)
+    old = tl.load(vold_ptr + row + idx, mask=m, other=0.0).to(tl.float32)
+    tg = tl.load(vtgt_ptr + row + idx, mask=m, other=0.0).to(tl.float32)
+    ep = t * (beta * th + (1.0 - beta) * old - tg)
+    en = t * ((1.0 + beta) * old - beta * th - tg)
+    return th, ep, en
+
+
+@triton.jit
 def _nft_loss_fwd_kernel(vth_ptr, vold_ptr, vtgt_ptr, vref_ptr, t_ptr, part_ptr, D, CHUNK, n_chunks, beta,
                          HAS_REF: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(0)
@@ -49,11 +60,7 @@ def _nft_loss_fwd_kernel(vth_ptr, vold_ptr, vtgt_ptr, vref_ptr, t_ptr, part_ptr,
     for off in range(0, CHUNK, BLOCK):
         idx = start + off + tl.arange(0, BLOCK)
         m = idx < D
-        th = tl.load(vth_ptr + row + idx, mask=m, other=0.0).to(tl.float32)
-        old = tl.load(vold_ptr + row + idx, mask=m, other=0.0).to(tl.float32)
-        tg = tl.load(vtgt_ptr + row + idx, mask=m, other=0.0).to(tl.float32)
-        ep = t * (beta * th + (1.0 - beta) * old - tg)
-        en = t * ((1.0 + beta) * old - beta * th - tg)
+        th, ep, en = _nft_errors(vth_ptr, vold_ptr, vtgt_ptr, row, idx, m, t, beta)
         abs_p += tl.abs(ep)
         abs_n += tl.abs(en)
         sq_p += ep * ep
@@ -84,11 +91,7 @@ def _nft_loss_bwd_kernel(vth_ptr, vold_ptr, vtgt_ptr, vref_ptr, t_ptr, coef_ptr,
     for off in range(0, CHUNK, BLOCK):
         idx = start + off + tl.arange(0, BLOCK)
         m = idx < D
-        th = tl.load(vth_ptr + row + idx, mask=m, other=0.0).to(tl.float32)
-        old = tl.load(vold_ptr + row + idx, mask=m, other=0.0).to(tl.float32)
-        tg = tl.load(vtgt_ptr + row + idx, mask=m, other=0.0).to(tl.float32)
-        ep = t * (beta * th + (1.0 - beta) * old - tg)
-        en = t * ((1.0 + beta) * old - beta * th - tg)
+        th, ep, en = _nft_errors(vth_ptr, vold_ptr, vtgt_ptr, row, idx, m, t, beta)
         g = cp * ep + cn * en
         if HAS_REF:
             ref = tl.load(vref_ptr + row + idx, mask=m, other=0.0).to(tl.float32)

@@ -26,7 +26,7 @@ from ..config import BaseJob
 from ..data.datasets import ShardedLoader, build_dataset
 from ..models.backbone import SRBackbone, build_tiny
 from ..runtime.common import pick_device, seed_everything
-from .sft import SFTStage
+from .sft import train_to_end
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +88,7 @@ def run(job: BaseJob) -> int:
     print(f"base: VAE reconstruction loss {vae_losses[0]:.4f} -> {vae_losses[-1]:.4f}")
     # generic transformer pre-training through the SFT loop, starting from the folder just written
     sft_job = dataclasses.replace(job, model=dataclasses.replace(job.model, pretrained=str(init_dir)))
-    stage = SFTStage(sft_job).setup()
-    try:
-        losses = stage.train()
-        stage.write_samples()
-    finally:
-        stage.cleanup()
+    losses = train_to_end(sft_job)
     print(f"base: generic pre-training loss {losses[0]:.4f} -> {losses[-1]:.4f}; base model in {run_dir / 'model'}")
     return 0
 

@@ -327,12 +327,18 @@ class SFTStage:
         self.logger.close()
 
 
-def run(job: SFTJob) -> int:
+def train_to_end(job: SFTJob) -> list[float]:
+    """Set up, train to the configured steps, write a final sample grid, clean up; the losses."""
     stage = SFTStage(job).setup()
     try:
         losses = stage.train()
         stage.write_samples()
     finally:
         stage.cleanup()
+    return losses
+
+
+def run(job: SFTJob) -> int:
+    losses = train_to_end(job)
     print(f"sft: {len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}; model in {job.run.run_dir / 'model'}")
     return 0
