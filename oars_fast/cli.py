@@ -11,7 +11,7 @@ import logging
 import sys
 from dataclasses import dataclass
 
-from .config import BaseJob, ConfigError, DataJob, InferJob, MergeJob, SFTJob, describe, load_config
+from .config import BaseJob, ConfigError, DataJob, InferJob, MergeJob, RLJob, SFTJob, describe, load_config
 
 
 @dataclass(frozen=True)
@@ -29,8 +29,8 @@ COMMANDS: dict[str, Command] = {
                     "oars_fast.stages.base:run"),
     "sft": Command("cold-start flow-matching SFT (LR -> HR)", SFTJob, "oars_fast.stages.sft:run"),
     "infer": Command("super-resolve a file or folder of LR images", InferJob, "oars_fast.stages.infer:run"),
-    "rl": Command("online RL (mode=fr: DISTS reward; mode=nr: COMPASS reward) with the NFT objective", None, None,
-                  "the RL stage (issue 5)"),
+    "rl": Command("online RL of a LoRA on the base (rl.mode=fr|nr, rl.objective=nft|flow_grpo)", RLJob,
+                  "oars_fast.stages.rl:run"),
     "merge": Command("merge a LoRA delta (OARS: the RL LoRA) into a model's weights (OARS: the SFT model)",
                      MergeJob, "oars_fast.stages.merge:run"),
     "compass-sft": Command("train the COMPASS reward model", None, None, "the COMPASS reward model"),

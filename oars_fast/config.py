@@ -321,6 +321,84 @@ class VAEPretrainConfig:
 
 
 @dataclass
+class RewardConfig:
+    name: str = doc("dists", "dists | ssim | lr_consistency: DISTS (FR, needs weights), SSIM (FR, classical "
+                    "stand-in for DISTS), LR consistency (NR, classical stand-in until COMPASS lands)")
+    dists_vgg: str | None = doc(None, "VGG16 weights in torchvision's vgg16() layout (features.N.weight/bias)")
+    dists_weights: str | None = doc(None, "DISTS alpha/beta weights.pt of the DISTS release")
+    tau: float = doc(0.05, "lr_consistency: reward = exp(-mean|down(SR) - LR| / tau)")
+    batch_size: int = doc(32, "images per reward forward")
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "name", ["dists", "ssim", "lr_consistency"])
+        _check_range(self, "tau", 0.0, lo_open=True)
+        _check_range(self, "batch_size", 1)
+
+    @property
+    def full_reference(self) -> bool:
+        return self.name in ("dists", "ssim")
+
+
+@dataclass
+class RLConfig:
+    mode: str = doc("fr", "fr | nr: full-reference (ground truth, FR reward) or no-reference (NR reward)")
+    objective: str = doc("nft", "nft | flow_grpo: DiffusionNFT negative-aware loss on ODE rollouts, or Flow-GRPO "
+                         "(SDE rollouts, per-step log-probabilities, clipped ratio)")
+    iterations: int = doc(100, "RL iterations (rollout + reward + update + old-policy update)")
+    inputs_per_iter: int = doc(4, "LR inputs per iteration (global); each gets group_size candidates")
+    group_size: int = doc(24, "K: candidates per LR input")
+    rollout_steps: int = doc(6, "sampler steps of a rollout")
+    sde: bool = doc(False, "NFT: SDE rollouts instead of the deterministic ODE (Flow-GRPO always uses the SDE)")
+    noise_level: float = doc(0.7, "SDE noise level")
+    timesteps_per_sample: int = doc(2, "NFT: random times per candidate in the update")
+    micro_batch: int = doc(16, "candidates per forward in the update")
+    beta: float = doc(1.0, "NFT: mixing of the implicit positive/negative policies")
+    kl_weight: float = doc(1e-4, "weight of ||v_theta - v_ref||^2 to the base model (adapters off); 0: no ref pass")
+    adv_clip: float = doc(5.0, "advantage clip before mapping to r in [0, 1]")
+    global_std: bool = doc(True, "normalise advantages by the std of all the iteration's rewards (DiffusionNFT) "
+                           "instead of each group's own")
+    filter_mean: float = doc(0.9, "drop groups whose reward mean is above this ...")
+    filter_std: float = doc(0.05, "... and whose reward std is below this")
+    grpo_clip: float = doc(1e-4, "Flow-GRPO: ratio clip range")
+    eta_schedule: str = doc("linear", "old-policy EMA: linear: eta = min(eta_rate * iteration, eta_max) "
+                            "(DiffusionNFT's default); constant: eta = eta_max")
+    eta_rate: float = doc(0.001, "linear eta schedule: slope per iteration")
+    eta_max: float = doc(0.5, "eta ceiling (linear) or value (constant)")
+    init_lora: str | None = doc(None, "adapter folder to continue (NR-RL continues FR-RL's LoRA)")
+    sft_model: str | None = doc(None, "SFT model folder: at the end the LoRA delta is merged into it -> <run>/merged")
+    eval_inputs: int = doc(8, "held-out LR inputs whose mean reward is measured at the start and end")
+    eval_every: int = doc(0, "also measure it every N iterations (logged as eval_reward; 0: off)")
+    log_every: int = doc(1, "log line every N iterations")
+    probe_every: int = doc(10, "candidate grid of a fixed probe input every N iterations (0: off)")
+    save_every: int = doc(20, "checkpoint every N iterations (0: only at the end)")
+    keep_checkpoints: int = doc(2, "how many complete checkpoints to keep")
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "mode", ["fr", "nr"])
+        _check_choice(self, "objective", ["nft", "flow_grpo"])
+        _check_choice(self, "eta_schedule", ["linear", "constant"])
+        for name in ("iterations", "inputs_per_iter", "group_size", "rollout_steps", "timesteps_per_sample",
+                     "micro_batch", "keep_checkpoints"):
+            _check_range(self, name, 1)
+        if self.objective == "flow_grpo" and self.rollout_steps < 2:
+            raise ConfigError("RLConfig.rollout_steps must be >= 2 for flow_grpo (the last step is deterministic)")
+        _check_range(self, "beta", 0.0, lo_open=True)
+        _check_range(self, "kl_weight", 0.0)
+        _check_range(self, "adv_clip", 0.0, lo_open=True)
+        _check_range(self, "grpo_clip", 0.0, lo_open=True)
+        _check_range(self, "eta_rate", 0.0)
+        _check_range(self, "eta_max", 0.0, 1.0)
+        for name in ("eval_inputs", "eval_every", "log_every", "probe_every", "save_every"):
+            _check_range(self, name, 0)
+
+    def eta(self, iteration: int) -> float:
+        """The old-policy EMA coefficient after `iteration` (1-based)."""
+        if self.eta_schedule == "constant":
+            return self.eta_max
+        return min(self.eta_rate * iteration, self.eta_max)
+
+
+@dataclass
 class MergeConfig:
     model: str = doc("", "model folder to merge into (OARS: the SFT model)")
     lora: str = doc("", "LoRA adapter folder (adapter_model.safetensors + adapter_config.json)")
@@ -383,6 +461,32 @@ class BaseJob(SFTJob):
     """`oars-fast base`: the demo's small pretrained base (tiny VAE + generic bicubic-SR pre-training)."""
 
     vae: VAEPretrainConfig = field(default_factory=VAEPretrainConfig)
+
+
+@dataclass
+class RLJob:
+    """`oars-fast rl`: online RL of a LoRA on the base model (FR or NR reward; NFT or Flow-GRPO)."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    degradation: DegradationConfig = field(default_factory=DegradationConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    optim: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=3e-4, weight_decay=0.0))
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+
+    def __post_init__(self) -> None:
+        if self.rl.mode == "fr" and self.data.source == "lq":
+            raise ConfigError("rl.mode=fr needs ground truth: data.source='lq' is not valid; choose one of "
+                              "['demo', 'hr', 'paired'] (or rl.mode=nr)")
+        if self.rl.mode == "fr" and not self.reward.full_reference:
+            raise ConfigError(f"rl.mode=fr needs a full-reference reward; reward.name={self.reward.name!r} is "
+                              "no-reference; choose one of ['dists', 'ssim']")
+        if self.rl.mode == "nr" and self.reward.full_reference:
+            raise ConfigError(f"rl.mode=nr needs a no-reference reward; reward.name={self.reward.name!r} is "
+                              "full-reference; choose one of ['lr_consistency']")
 
 
 @dataclass

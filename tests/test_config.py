@@ -3,11 +3,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from oars_fast.config import (BaseJob, ConfigError, DataConfig, DataJob, DegradationConfig, InferJob, OptimizerConfig,
+from oars_fast.config import (BaseJob, ConfigError, MergeJob, RLJob, DataConfig, DataJob, DegradationConfig, InferJob, OptimizerConfig,
                               SFTJob, load_config, per_rank, save_config)
 
 ROOT = Path(__file__).resolve().parents[1]
-JOBS = {"data": DataJob, "sft": SFTJob, "infer": InferJob, "base": BaseJob}
+JOBS = {"data": DataJob, "sft": SFTJob, "infer": InferJob, "base": BaseJob, "rl": RLJob, "merge": MergeJob}
 
 
 def _job_for(path: Path):

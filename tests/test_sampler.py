@@ -87,6 +87,16 @@ def test_per_sample_seeding_is_batch_independent():
     assert torch.allclose(both.x0[1], one.x0[0], atol=1e-6)
 
 
+def test_sde_first_step_noise_is_bounded_for_every_resolution():
+    # at small token counts the float64 schedule starts at 1 - 1e-16, not 1: the noise must stay finite
+    for seq in (16, 64, 1024, 4096):
+        sig = sigma_schedule(6, seq, SamplerConfig())
+        x = torch.zeros(1, 64)
+        out, _ = sde_step(x, torch.zeros_like(x), float(sig[0]), float(sig[1]), float(sig[1]), 0.7,
+                          torch.ones_like(x))
+        assert float(out.abs().max()) < 2.0, seq
+
+
 def test_sde_explores_and_scores():
     sig = sigma_schedule(6, 64, SamplerConfig())
     vel = lambda x, s: 0.5 * x  # noqa: E731

@@ -152,3 +152,87 @@ def lora_deltas(folder) -> dict[str, torch.Tensor]:
     if not deltas:
         raise ValueError(f"no lora_A/lora_B pairs in {folder / ADAPTER_WEIGHTS}")
     return deltas
+
+
+class PolicyAdapters:
+    """The three policies of online RL on one transformer, switched without copying weights.
+
+    * ``current``: adapter ``default``, trainable;
+    * ``old``: adapter ``old``, frozen, an EMA of ``current`` (rollouts and ``v_old`` use it);
+    * ``ref``: adapters disabled, i.e. the base model (the KL anchor).
+
+    ``with policy.use("old"): ...`` switches every LoRA layer and always returns to ``current``
+    with its parameters trainable and ``old``'s frozen.
+    """
+
+    CURRENT, OLD = "default", "old"
+
+    def __init__(self, transformer: nn.Module, cfg: LoRAConfig, init_from=None):
+        self.transformer = transformer
+        transformer.requires_grad_(False)
+        add_lora(transformer, cfg, self.CURRENT)
+        add_lora(transformer, cfg, self.OLD)
+        if init_from is not None:  # continue a LoRA (NR-RL continues FR-RL's)
+            self.load_current(init_from)
+        self.layers = [m for _, m in lora_layers(transformer)]
+        self.copy_current_to_old()
+        self._activate(self.CURRENT)
+
+    def _pairs(self):
+        for layer in self.layers:
+            for kind in ("lora_A", "lora_B"):
+                d = getattr(layer, kind)
+                yield d[self.OLD].weight, d[self.CURRENT].weight
+
+    def _activate(self, name: str, enabled: bool = True) -> None:
+        for layer in self.layers:
+            layer.set_adapter(name)
+            layer.enable_adapters(enabled)
+        for old, cur in self._pairs():
+            old.requires_grad_(False)
+            cur.requires_grad_(True)
+
+    def use(self, which: str):
+        import contextlib
+
+        if which not in ("current", "old", "ref"):
+            raise ValueError(f"policy {which!r} is not one of ['current', 'old', 'ref']")
+
+        @contextlib.contextmanager
+        def ctx():
+            if which == "old":
+                self._activate(self.OLD)
+            elif which == "ref":
+                self._activate(self.CURRENT, enabled=False)
+            try:
+                yield
+            finally:
+                self._activate(self.CURRENT)
+
+        return ctx()
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [cur for _, cur in self._pairs()]
+
+    def named_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.transformer.named_parameters() if f".{self.CURRENT}." in n and "lora_" in n}
+
+    @torch.no_grad()
+    def copy_current_to_old(self) -> None:
+        for old, cur in self._pairs():
+            old.copy_(cur)
+
+    @torch.no_grad()
+    def ema_update(self, eta: float) -> None:
+        """old <- eta * old + (1 - eta) * current."""
+        for old, cur in self._pairs():
+            old.mul_(eta).add_(cur.to(old.dtype), alpha=1 - eta)
+
+    def load_current(self, folder) -> None:
+        from pathlib import Path
+
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(self.transformer, load_file(str(Path(folder) / ADAPTER_WEIGHTS)),
+                                  adapter_name=self.CURRENT)

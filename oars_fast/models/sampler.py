@@ -77,7 +77,9 @@ def sde_step(x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float, 
     transition (the log-prob under the current model) instead of drawing one.
     """
     dt = sigma_next - sigma
-    denom = 1 - (sigma_max if sigma >= 1.0 else sigma)
+    # sigma/(1 - sigma) diverges at sigma = 1 (the first step, which float64 may give as 1 - 1e-16):
+    # the first step takes sigma_max = sigmas[1] in the denominator, as Flow-GRPO does
+    denom = 1 - min(sigma, sigma_max)
     std = math.sqrt(sigma / denom) * noise_level
     mean = x * (1 + std**2 / (2 * sigma) * dt) + v * (1 + std**2 * (1 - sigma) / (2 * sigma)) * dt
     scale = std * math.sqrt(-dt)

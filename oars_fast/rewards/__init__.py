@@ -1,4 +1,19 @@
-"""Rewards: the RewardFn protocol, the full-reference DISTS reward, (later) COMPASS."""
+"""Rewards: the RewardFn protocol, DISTS (FR), classical stand-ins, (later) COMPASS (NR)."""
 from .base import DISTSReward, RewardFn
+from .classical import LRConsistencyReward, SSIMReward, ssim
 
-__all__ = ["RewardFn", "DISTSReward"]
+__all__ = ["RewardFn", "DISTSReward", "SSIMReward", "LRConsistencyReward", "ssim", "build_reward"]
+
+
+def build_reward(cfg, device):
+    """The RewardFn named by a RewardConfig."""
+    if cfg.name == "dists":
+        from .dists import DISTS
+
+        if not cfg.dists_vgg or not cfg.dists_weights:
+            raise FileNotFoundError("reward.name=dists needs reward.dists_vgg (VGG16 weights in torchvision's layout) "
+                                    "and reward.dists_weights (DISTS alpha/beta weights.pt)")
+        return DISTSReward(DISTS(cfg.dists_vgg, cfg.dists_weights).to(device), cfg.batch_size)
+    if cfg.name == "ssim":
+        return SSIMReward()
+    return LRConsistencyReward(cfg.tau)
