@@ -322,21 +322,26 @@ class VAEPretrainConfig:
 
 @dataclass
 class RewardConfig:
-    name: str = doc("dists", "dists | ssim | lr_consistency: DISTS (FR, needs weights), SSIM (FR, classical "
-                    "stand-in for DISTS), LR consistency (NR, classical stand-in until COMPASS lands)")
+    name: str = doc("dists", "dists | ssim | lr_consistency | custom: DISTS (FR, needs weights), SSIM (FR, classical "
+                    "stand-in for DISTS), LR consistency (NR, classical stand-in until COMPASS lands), or any "
+                    "RewardFn named by `custom`")
+    custom: str | None = doc(None, "name=custom: 'package.module:factory'; factory(device) returns a RewardFn")
+    custom_full_reference: bool = doc(False, "name=custom: whether that reward needs the ground truth")
     dists_vgg: str | None = doc(None, "VGG16 weights in torchvision's vgg16() layout (features.N.weight/bias)")
     dists_weights: str | None = doc(None, "DISTS alpha/beta weights.pt of the DISTS release")
     tau: float = doc(0.05, "lr_consistency: reward = exp(-mean|down(SR) - LR| / tau)")
     batch_size: int = doc(32, "images per reward forward")
 
     def __post_init__(self) -> None:
-        _check_choice(self, "name", ["dists", "ssim", "lr_consistency"])
+        _check_choice(self, "name", ["dists", "ssim", "lr_consistency", "custom"])
+        if self.name == "custom" and (not self.custom or ":" not in self.custom):
+            raise ConfigError(f"RewardConfig.custom={self.custom!r} must be 'package.module:factory' when name='custom'")
         _check_range(self, "tau", 0.0, lo_open=True)
         _check_range(self, "batch_size", 1)
 
     @property
     def full_reference(self) -> bool:
-        return self.name in ("dists", "ssim")
+        return self.name in ("dists", "ssim") or (self.name == "custom" and self.custom_full_reference)
 
 
 @dataclass

@@ -70,3 +70,10 @@ def tiny_base(tmp_path_factory, demo_cache):
     pretrain_vae(model, job, torch.device("cpu"))
     model.save_pretrained(out / "model")
     return out / "model"
+
+
+def lr_reward_factory(device):
+    """A RewardFn factory for `reward.name=custom` tests."""
+    from oars_fast.rewards.classical import LRConsistencyReward
+
+    return LRConsistencyReward(tau=0.1)

@@ -101,3 +101,27 @@ def test_rl_raises_held_out_reward(tmp_path, policy_base, demo_cache, objective)
     assert after > before + 0.008, (before, after)
     assert (tmp_path / "rl" / "lora" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "rl" / "checkpoints" / "step_000025" / "COMPLETE").is_file()
+
+
+def test_rl_resume_reproduces_uninterrupted_run(tmp_path, policy_base, demo_cache):
+    def run(name, until=None, resume=False):
+        job = _job(tmp_path, policy_base, demo_cache, f"run.name={name}", "rl.iterations=4", "rl.save_every=2",
+                   "rl.eval_inputs=0", f"run.resume={str(resume).lower()}")
+        st = RLStage(job).setup()
+        st.train(until=until)
+        st.cleanup()
+        return [h["reward"] for h in st.history], [h.get("loss") for h in st.history]
+
+    full = run("full")
+    run("cut", until=3)  # dies after iteration 3; the newest checkpoint is iteration 2
+    resumed = run("cut", resume=True)
+    assert resumed[0] == pytest.approx(full[0], abs=1e-6) and resumed[1] == pytest.approx(full[1], abs=1e-6)
+
+
+def test_custom_reward_from_config(tmp_path, policy_base, demo_cache):
+    job = _job(tmp_path, policy_base, demo_cache, "rl.mode=nr", "reward.name=custom",
+               "reward.custom=conftest:lr_reward_factory", "rl.iterations=1", "rl.eval_inputs=0")
+    st = RLStage(job).setup()
+    stats = st.train_iteration()
+    st.cleanup()
+    assert "reward_part/lr_l1" in stats

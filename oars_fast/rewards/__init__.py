@@ -14,6 +14,11 @@ def build_reward(cfg, device):
             raise FileNotFoundError("reward.name=dists needs reward.dists_vgg (VGG16 weights in torchvision's layout) "
                                     "and reward.dists_weights (DISTS alpha/beta weights.pt)")
         return DISTSReward(DISTS(cfg.dists_vgg, cfg.dists_weights).to(device), cfg.batch_size)
+    if cfg.name == "custom":
+        import importlib
+
+        module, attr = cfg.custom.split(":", 1)
+        return getattr(importlib.import_module(module), attr)(device)
     if cfg.name == "ssim":
         return SSIMReward()
     return LRConsistencyReward(cfg.tau)
