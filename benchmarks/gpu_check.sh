@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU checks (H100/H200): bfloat16 correctness of the kernels, every benchmark, one SFT step.
+# GPU checks (H100/H200): bfloat16 correctness of the kernels, every benchmark, one SFT step, one RL
+# iteration (ours vs the eager reference loop).
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]       (default: $OUT, else benchmarks/results)
 #
@@ -23,7 +24,9 @@ export PYTHONPATH=/tmp/oars:$PYTHONPATH PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT_DIR/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT_DIR/gpu.txt"
 rc=0
-timeout 240 python3 -m pytest -q -x tests/test_kernels.py tests/test_lora.py 2>&1 | tee "$OUT_DIR/gpu_tests.log" || rc=1
-timeout 400 python3 -m benchmarks.run_all --out "$OUT_DIR" 2>&1 | tee "$OUT_DIR/bench.log" || rc=1
-timeout 120 python3 -m benchmarks.sft_step --out "$OUT_DIR" 2>&1 | tee -a "$OUT_DIR/bench.log" || rc=1
+# sized to fit one 10-minute device call: 150 + 250 + 60 + 120 s at most
+timeout 150 python3 -m pytest -q -x tests/test_kernels.py tests/test_lora.py 2>&1 | tee "$OUT_DIR/gpu_tests.log" || rc=1
+timeout 250 python3 -m benchmarks.run_all --out "$OUT_DIR" 2>&1 | tee "$OUT_DIR/bench.log" || rc=1
+timeout 60 python3 -m benchmarks.sft_step --out "$OUT_DIR" 2>&1 | tee -a "$OUT_DIR/bench.log" || rc=1
+timeout 120 python3 -m benchmarks.rl_iteration --out "$OUT_DIR" --work /tmp/bench_rl 2>&1 | tee -a "$OUT_DIR/bench.log" || rc=1
 exit $rc

@@ -12,3 +12,13 @@ def test_harness_writes_three_providers_and_three_modes(tmp_path):
     assert {r["provider"] for r in rows} == {"ours", "eager", "compile"}
     assert {r["mode"] for r in rows} == {"fwd", "bwd", "full"}
     assert all(float(r["ms"]) > 0 and r["note"] == "smoke" and r["device"] and r["torch"] for r in rows)
+
+
+def test_rl_iteration_script_runs(tmp_path, monkeypatch):
+    """The GPU RL-iteration benchmark, on tiny shapes, end to end (so a device session is not spent on a typo)."""
+    from benchmarks import rl_iteration
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # the demo set's default cache goes under the temporary home
+    rl_iteration.main(["--smoke", "--iters", "1", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "w")])
+    rows = list(csv.DictReader(open(tmp_path / "out" / "rl_iteration.csv")))
+    assert [r["provider"] for r in rows] == ["ours", "reference"] and all(float(r["ms"]) > 0 for r in rows)

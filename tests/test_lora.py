@@ -132,3 +132,13 @@ def test_lora_sft_adapter_merges_into_another_model(tmp_path, demo_cache):
         plain = with_adapter.velocity(x, t, c)
     assert torch.allclose(a, b, atol=1e-5)
     assert not torch.allclose(a, plain, atol=1e-4)  # the adapter did learn something
+
+
+def test_fused_layer_follows_autocast():
+    m = _model()
+    use_fused_lora(m.transformer)
+    layer = m.transformer.transformer_blocks[0].attn.to_q
+    x = torch.randn(3, layer.in_features)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16  # as F.linear under autocast

@@ -82,6 +82,8 @@ def _fused_class():
                 return super().forward(x, *args, **kwargs)
             a = active[0]
             base = self.get_base_layer()
+            if torch.is_autocast_enabled(x.device.type):  # custom ops are outside autocast: cast as F.linear would
+                x = x.to(torch.get_autocast_dtype(x.device.type))
             return lora_linear(x, base.weight, base.bias, self.lora_A[a].weight, self.lora_B[a].weight,
                                float(self.scaling[a]))
 

@@ -1,0 +1,104 @@
+"""One full RL iteration (rollout K x inputs, reward, NFT update, old-policy EMA) at full transformer
+width with fewer layers, bf16: ours (fused LoRA linear + fused NFT loss) against the plain reference
+loop (peft's eager LoRA + the pure-torch NFT loss), side by side in one run, time per phase and peak
+memory. Both do three transformer forwards per update micro-batch (v_old, v_ref, v_theta).
+
+The model is the production transformer architecture (3072 hidden, 24 heads of 128, text dim 3584,
+``--layers`` blocks) with random weights; the VAE is the tiny 4x one, so ``--crop 256`` gives the
+token count of a 512x512 production output (1024 target + 1024 LR tokens). The reward is DISTS with
+random VGG16 / alpha-beta weights: the compute of the real metric, not its values.
+
+    python -m benchmarks.rl_iteration [--layers 4] [--crop 256] [--k 24] [--inputs 4] [--smoke] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from oars_fast import kernels
+from oars_fast.config import RLJob, load_config
+from oars_fast.stages.rl import RLStage
+
+from .harness import RESULTS, device_name, git_sha, write_rows
+
+
+def _dists_weights(path: Path) -> tuple[Path, Path]:
+    from oars_fast.rewards.dists import _CONVS, CHANNELS
+
+    g = torch.Generator().manual_seed(0)
+    vgg = {}
+    for idx, cin, cout in _CONVS:
+        vgg[f"features.{idx}.weight"] = torch.randn(cout, cin, 3, 3, generator=g) * (2 / (9 * cin)) ** 0.5
+        vgg[f"features.{idx}.bias"] = torch.zeros(cout)
+    n = sum(CHANNELS)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save(vgg, path / "vgg16_random.pth")
+    torch.save({"alpha": torch.full((1, n, 1, 1), 0.1), "beta": torch.full((1, n, 1, 1), 0.1)},
+               path / "dists_random.pt")
+    return path / "vgg16_random.pth", path / "dists_random.pt"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--crop", type=int, default=256)
+    ap.add_argument("--k", type=int, default=24)
+    ap.add_argument("--inputs", type=int, default=4)
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--smoke", action="store_true", help="tiny model and shapes on any device (a check, not a result)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--work", type=Path, default=Path("runs/bench_rl"))
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    vgg, ab = _dists_weights(args.work / "weights")
+    width = ("{num_layers: %d, attention_head_dim: 128, num_attention_heads: 24, joint_attention_dim: 3584, "
+             "axes_dims_rope: [16, 56, 56]}" % args.layers)
+    common = [f"run.output_dir={args.work}", f"run.device={'cuda' if cuda else 'cpu'}", "rl.probe_every=0",
+              "rl.save_every=0", "rl.eval_inputs=0", "reward.name=dists", f"reward.dists_vgg={vgg}",
+              f"reward.dists_weights={ab}", "rl.timesteps_per_sample=1", "optim.lr=1e-4", "lora.rank=32",
+              "lora.alpha=64"]
+    if args.smoke:
+        common += ["model.tiny={num_layers: 1}", "data.crop_size=32", "rl.group_size=4", "rl.inputs_per_iter=2",
+                   "model.dtype=fp32", "rl.micro_batch=8", "data.demo_patch=128"]
+    else:
+        common += [f"model.tiny={width}", f"data.crop_size={args.crop}", f"data.demo_patch={max(128, args.crop)}",
+                   f"rl.group_size={args.k}", f"rl.inputs_per_iter={args.inputs}", "model.dtype=bf16",
+                   "rl.micro_batch=8", "model.gradient_checkpointing=true"]
+    rows = []
+    for provider, fused in (("ours", True), ("reference", False)):
+        job = load_config(RLJob, None, common + [f"run.name={provider}", f"lora.fused={str(fused).lower()}",
+                                                 f"rl.iterations={args.iters + 1}"])
+        with kernels.backend("auto" if fused else "torch"):
+            st = RLStage(job).setup()
+            st.train_iteration()  # warm-up: autotuning, allocator, cuDNN
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            stats = []
+            for _ in range(args.iters):
+                t0 = time.perf_counter()
+                s = st.train_iteration()
+                if cuda:
+                    torch.cuda.synchronize()
+                s["iter_s"] = time.perf_counter() - t0
+                stats.append(s)
+            st.cleanup()
+        peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan")
+        med = {k: sorted(x[k] for x in stats)[len(stats) // 2] for k in ("iter_s", "rollout_s", "reward_s", "train_s")}
+        print(f"rl_iteration {provider:9s} iter {med['iter_s'] * 1e3:9.1f} ms  rollout {med['rollout_s'] * 1e3:9.1f} "
+              f"reward {med['reward_s'] * 1e3:8.1f}  update {med['train_s'] * 1e3:9.1f} ms  peak {peak:.0f} MB")
+        rows.append({"device": device_name(), "git_sha": git_sha(), "torch": torch.__version__,
+                     "kernel": "rl_iteration", "shape": f'{{"layers": {args.layers}, "crop": {args.crop}, '
+                     f'"k": {args.k}, "inputs": {args.inputs}}}', "dtype": job.model.dtype, "provider": provider,
+                     "mode": "iteration", "ms": f"{med['iter_s'] * 1e3:.1f}",
+                     "note": "smoke" if args.smoke else f"rollout {med['rollout_s'] * 1e3:.1f} ms; reward "
+                     f"{med['reward_s'] * 1e3:.1f} ms; update {med['train_s'] * 1e3:.1f} ms",
+                     "peak_mb": f"{peak:.0f}"})
+    write_rows(rows, args.out / "rl_iteration.csv")
+
+
+if __name__ == "__main__":
+    main()
