@@ -97,3 +97,33 @@ def memory_gib(device: torch.device) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
     except (ImportError, AttributeError):
         return float("nan")
+
+
+def start_run(job) -> tuple[torch.device, "Path"]:
+    """The opening of every training stage: device, seeds, run folder, the resolved config saved."""
+    from ..config import save_config
+
+    device = pick_device(job.run.device)
+    seed_everything(job.run.seed)
+    run_dir = job.run.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(job, run_dir / "config.yaml")
+    return device, run_dir
+
+
+def loop_state(step: int, opt, sched, loader, generators: dict[str, torch.Generator], **extra) -> dict:
+    """What a training loop needs to continue exactly: step, optimizer, schedule, data position, RNGs."""
+    return {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "loader": loader.state_dict(), "generators": {k: g.get_state() for k, g in generators.items()},
+            "rng": rng_state(), **extra}
+
+
+def restore_loop_state(state: dict, opt, sched, loader, generators: dict[str, torch.Generator]) -> int:
+    """Inverse of :func:`loop_state`; returns the step."""
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    loader.load_state_dict(state["loader"])
+    for k, g in generators.items():
+        g.set_state(state["generators"][k])
+    set_rng_state(state["rng"])
+    return int(state["step"])

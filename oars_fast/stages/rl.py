@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..config import RLJob, save_config
+from ..config import RLJob
 from ..data.datasets import ShardedLoader, build_dataset
 from ..data.images import load_image, make_grid, save_image, scan_images
 from ..kernels import group_advantages, nft_loss_with_stats
@@ -53,7 +53,7 @@ from ..models.lora import PolicyAdapters, save_lora, use_fused_lora
 from ..models.sampler import _autocast, euler_sample, per_sample_noise, sde_step, sigma_schedule
 from ..rewards import build_reward
 from ..runtime import checkpoint as ckpt
-from ..runtime.common import build_optimizer, memory_gib, pick_device, rng_state, seed_everything, set_rng_state
+from ..runtime.common import build_optimizer, loop_state, memory_gib, restore_loop_state, start_run
 from ..runtime.logger import StepLogger
 from .sft import Degrader
 
@@ -84,11 +84,7 @@ class RLStage:
     # ------------------------------------------------------------------------------------------
     def setup(self) -> "RLStage":
         job, rl = self.job, self.job.rl
-        self.device = pick_device(job.run.device)
-        seed_everything(job.run.seed)
-        self.run_dir = job.run.run_dir
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(job, self.run_dir / "config.yaml")
+        self.device, self.run_dir = start_run(job)
         self.autocast_dtype = DTYPES[job.model.dtype]
         self.model: SRBackbone = load_backbone(job.model, job.data.scale, self.device, job.run.seed, train_dtype=True)
         self.policy = PolicyAdapters(self.model.transformer, job.lora, init_from=rl.init_lora)
@@ -319,9 +315,8 @@ class RLStage:
     def save_checkpoint(self) -> Path:
         tr = self.model.transformer
         lora_state = {k: v.detach().float().cpu().contiguous() for k, v in tr.state_dict().items() if "lora_" in k}
-        state = {"step": self.step, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                 "loader": self.loader.state_dict(), "gen_deg": self.gen_deg.get_state(),
-                 "gen_noise": self.gen_noise.get_state(), "rng": rng_state(), "history": self.history}
+        state = loop_state(self.step, self.opt, self.sched, self.loader,
+                           {"deg": self.gen_deg, "noise": self.gen_noise}, history=self.history)
         return ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step,
                                     lambda d: save_file(lora_state, str(d / "adapters.safetensors")), state,
                                     keep=self.job.rl.keep_checkpoints)
@@ -339,13 +334,8 @@ class RLStage:
             for k, p in own.items():
                 p.copy_(weights[k].to(p.device, p.dtype))
         state = ckpt.load_state(folder)
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
-        self.loader.load_state_dict(state["loader"])
-        self.gen_deg.set_state(state["gen_deg"])
-        self.gen_noise.set_state(state["gen_noise"])
-        set_rng_state(state["rng"])
-        self.step = state["step"]
+        self.step = restore_loop_state(state, self.opt, self.sched, self.loader,
+                                       {"deg": self.gen_deg, "noise": self.gen_noise})
         self.history = list(state.get("history", []))
         log.info("resumed from %s (iteration %d)", folder, self.step)
 

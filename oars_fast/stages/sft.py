@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..config import SFTJob, per_rank, save_config
+from ..config import SFTJob, per_rank
 from ..data.datasets import ShardedLoader, build_dataset
 from ..data.degrade import RealESRGANDegradation
 from ..data.images import load_image, make_grid, save_image, scan_images
@@ -45,8 +45,7 @@ from ..models.flow import flow_matching_loss, sample_timesteps
 from ..models.lora import add_lora, merged_state_dict, save_lora, use_fused_lora
 from ..models.sampler import _autocast, sample_sr
 from ..runtime import checkpoint as ckpt
-from ..runtime.common import (EMA, build_optimizer, memory_gib, pick_device, rng_state, seed_everything,
-                              set_rng_state)
+from ..runtime.common import EMA, build_optimizer, loop_state, memory_gib, restore_loop_state, start_run
 from ..runtime.logger import StepLogger
 
 log = logging.getLogger(__name__)
@@ -75,11 +74,7 @@ class SFTStage:
     # ------------------------------------------------------------------------------------------
     def setup(self) -> "SFTStage":
         job = self.job
-        self.device = pick_device(job.run.device)
-        seed_everything(job.run.seed)
-        self.run_dir = job.run.run_dir
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(job, self.run_dir / "config.yaml")
+        self.device, self.run_dir = start_run(job)
         self.autocast_dtype = DTYPES[job.model.dtype]
         self.model: SRBackbone = load_backbone(job.model, job.data.scale, self.device, job.run.seed, train_dtype=True)
         tr = self.model.transformer
@@ -241,21 +236,15 @@ class SFTStage:
         self.logger.image("lr_sr_hr", grid, self.step)
         return path
 
+    def _generators(self) -> dict[str, torch.Generator]:
+        return {"deg": self.gen_deg, "noise": self.gen_noise}
+
     def _trainable_state(self) -> dict[str, torch.Tensor]:
         return {k: p.detach().float().cpu().contiguous() for k, p in self.params.items()}
 
     def save_checkpoint(self) -> Path:
-        state = {
-            "step": self.step,
-            "optimizer": self.opt.state_dict(),
-            "scheduler": self.sched.state_dict(),
-            "ema": self.ema.state_dict() if self.ema else None,
-            "loader": self.loader.state_dict(),
-            "gen_deg": self.gen_deg.get_state(),
-            "gen_noise": self.gen_noise.get_state(),
-            "rng": rng_state(),
-            "losses": self.losses,
-        }
+        state = loop_state(self.step, self.opt, self.sched, self.loader, self._generators(),
+                           ema=self.ema.state_dict() if self.ema else None, losses=self.losses)
         return ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step,
                                     lambda d: save_file(self._trainable_state(), str(d / "trainable.safetensors")),
                                     state, keep=self.job.sft.keep_checkpoints)
@@ -274,15 +263,9 @@ class SFTStage:
             for k, p in self.params.items():
                 p.copy_(weights[k].to(p.device, p.dtype))
         state = ckpt.load_state(folder)
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
+        self.step = restore_loop_state(state, self.opt, self.sched, self.loader, self._generators())
         if self.ema is not None and state.get("ema"):
             self.ema.load_state_dict(state["ema"])
-        self.loader.load_state_dict(state["loader"])
-        self.gen_deg.set_state(state["gen_deg"])
-        self.gen_noise.set_state(state["gen_noise"])
-        set_rng_state(state["rng"])
-        self.step = state["step"]
         self.losses = list(state.get("losses", []))
         log.info("resumed from %s (step %d)", folder, self.step)
 
