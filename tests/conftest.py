@@ -7,7 +7,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import logging
 from pathlib import Path
 
 import numpy as np

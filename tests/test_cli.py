@@ -35,7 +35,7 @@ def test_print_config(capsys):
 
 
 def test_data_command_on_folder(image_dir, tmp_path, capsys):
-    rc = main(["data", f"data.source=hr", f"data.hr_dir={image_dir}", "data.crop_size=32", "data.batch_size=2",
+    rc = main(["data", "data.source=hr", f"data.hr_dir={image_dir}", "data.crop_size=32", "data.batch_size=2",
                f"run.output_dir={tmp_path}", "run.name=d"])
     assert rc == 0
     assert (tmp_path / "d" / "samples" / "data_preview.png").is_file()

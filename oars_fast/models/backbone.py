@@ -159,7 +159,7 @@ class SRBackbone(nn.Module):
 def _set_attention_backend(transformer: nn.Module, backend: str) -> None:
     if backend == "auto":
         try:
-            import flash_attn  # noqa: F401
+            import flash_attn  # noqa: F401  (availability probe)
 
             backend = "flash" if torch.cuda.is_available() else "native"
         except ImportError:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -99,7 +100,7 @@ def memory_gib(device: torch.device) -> float:
         return float("nan")
 
 
-def start_run(job) -> tuple[torch.device, "Path"]:
+def start_run(job) -> tuple[torch.device, Path]:
     """The opening of every training stage: device, seeds, run folder, the resolved config saved."""
     from ..config import save_config
 
