@@ -277,6 +277,38 @@ class OptimizerConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """How a training stage runs on several processes. The DeepSpeed JSON is generated from the job
+    (batch sizes, accumulation, clipping, precision) so ``train_batch_size = micro * accum * world``
+    always holds; ``overrides`` adds or replaces raw DeepSpeed keys on top."""
+
+    enabled: str = doc("auto", "auto | on | off: DeepSpeed engine (auto: on when launched with more than one "
+                       "process, by the deepspeed launcher or torchrun; off: plain PyTorch, one process)")
+    zero_stage: int = doc(2, "ZeRO stage 0-3 (3: parameters sharded too, for full-parameter training of the 20B "
+                          "transformer; 2: optimizer state + gradients sharded, for LoRA RL)")
+    offload_optimizer: bool = doc(False, "ZeRO-Offload: optimizer state and step on the CPU")
+    offload_param: bool = doc(False, "ZeRO-3 only: parameters offloaded to the CPU between uses")
+    bf16: str = doc("auto", "auto | on | off: DeepSpeed bf16 (module in bf16, fp32 master weights in the "
+                    "optimizer); auto: on when model.dtype=bf16 and the device is CUDA")
+    overlap_comm: bool = doc(True, "overlap gradient reduction with backward (ZeRO 2/3)")
+    bucket_size: int = doc(200_000_000, "reduce / all-gather bucket size in elements (ZeRO 2/3)")
+    overrides: dict = doc(None, "raw DeepSpeed config keys merged (recursively) over the generated config; "
+                          "batch keys must agree with the job's", factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("enabled", "bf16"):  # YAML reads a bare on/off as a boolean
+            value = getattr(self, name)
+            if value in (True, False, "True", "False", "true", "false"):
+                setattr(self, name, "on" if value in (True, "True", "true") else "off")
+        _check_choice(self, "enabled", ["auto", "on", "off"])
+        _check_choice(self, "zero_stage", [0, 1, 2, 3])
+        _check_choice(self, "bf16", ["auto", "on", "off"])
+        _check_range(self, "bucket_size", 1)
+        if self.offload_param and self.zero_stage != 3:
+            raise ConfigError(f"DeepSpeedConfig.offload_param=true needs zero_stage=3 (got {self.zero_stage})")
+
+
+@dataclass
 class SFTConfig:
     steps: int = doc(100, "optimizer steps")
     train: str = doc("full", "full | lora: train every transformer weight, or a LoRA (see `lora`)")
@@ -453,6 +485,7 @@ class SFTJob:
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     def __post_init__(self) -> None:
         if self.data.source == "lq":
@@ -481,8 +514,12 @@ class RLJob:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     def __post_init__(self) -> None:
+        if self.deepspeed.zero_stage == 3:
+            raise ConfigError("deepspeed.zero_stage=3 is not valid for RL: the LoRA, its EMA (old policy) and the "
+                              "adapter switching need whole parameters on every rank; choose one of [0, 1, 2]")
         if self.rl.mode == "fr" and self.data.source == "lq":
             raise ConfigError("rl.mode=fr needs ground truth: data.source='lq' is not valid; choose one of "
                               "['demo', 'hr', 'paired'] (or rl.mode=nr)")

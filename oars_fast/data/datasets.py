@@ -11,8 +11,9 @@ key       shape                           present for
 ``lr``    (3, crop/scale, crop/scale)     ``paired`` (aligned with ``hr``) and ``lq``
 ========  ==============================  =====================================================
 
-plus ``index`` (int), ``path`` (str) and ``skipped`` (list of files that could not be used and
-were replaced by the next readable one; counted by the trainer, named in its log).
+plus ``index`` (int), ``seed`` (int: the sample's own seed for the randomness applied later, on
+device: degradation, training times and noise), ``path`` (str) and ``skipped`` (list of files that
+could not be used and were replaced by the next readable one; counted by the trainer, named in its log).
 
 Randomness is drawn from ``numpy.random.default_rng((seed, epoch, index))``: the same seed gives
 the same sample, and so the same batch, whatever the number of loader workers or ranks.
@@ -67,6 +68,11 @@ class _CropDataset(Dataset, abc.ABC):
     def _rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng((self.seed, self.epoch, index))
 
+    def sample_seed(self, index: int) -> int:
+        """The seed of sample `index` in this epoch, for randomness applied after loading (a stream of
+        its own, apart from the crop's)."""
+        return int(np.random.default_rng((self.seed, self.epoch, index, 1)).integers(2**62))
+
     @abc.abstractmethod
     def _load(self, index: int, rng: np.random.Generator) -> dict:
         """The sample of file `index`, cropped and flipped with `rng`; ImageReadError if unusable."""
@@ -85,7 +91,8 @@ class _CropDataset(Dataset, abc.ABC):
                 self._bad.add(i)
                 skipped.append(str(self._name(i)))
                 continue
-            sample.update(index=index, skipped=skipped)
+            # a per-sample seed for the randomness that happens later, on device (degradation, t, noise)
+            sample.update(index=index, skipped=skipped, seed=self.sample_seed(i))
             return sample
         raise RuntimeError(f"no usable image among the {len(self.files)} files of this data set "
                            f"(all skipped; first: {skipped[:3]})")
@@ -93,10 +100,29 @@ class _CropDataset(Dataset, abc.ABC):
     def _name(self, i: int) -> Any:
         return self.files[i]
 
-    def _flip(self, rng: np.random.Generator, *imgs: torch.Tensor) -> list[torch.Tensor]:
+    def _flips(self, rng: np.random.Generator) -> tuple[bool, bool]:
         if not self.cfg.flip:
-            return list(imgs)
-        hflip, vflip = rng.random() < 0.5, rng.random() < 0.5
+            return False, False
+        return bool(rng.random() < 0.5), bool(rng.random() < 0.5)
+
+    @staticmethod
+    def _offset(rng: np.random.Generator, h: int, w: int, c: int) -> tuple[int, int]:
+        return int(rng.integers(0, h - c + 1)), int(rng.integers(0, w - c + 1))
+
+    def crop_side(self) -> int:
+        """Side of the crop on the grid of the first image read (LR for lq/paired, HR for hr)."""
+        return self.cfg.crop_size
+
+    def plan(self, index: int, height: int, width: int) -> tuple[int, int, bool, bool]:
+        """(y, x, hflip, vflip) of sample `index` this epoch, for a first image of (height, width): the
+        draws `_load` makes, so another loader (DALI) can cut exactly the same crops."""
+        rng = self._rng(index)
+        c = self.crop_side()
+        y, x = self._offset(rng, max(height, c), max(width, c), c)
+        return (y, x, *self._flips(rng))
+
+    def _flip(self, rng: np.random.Generator, *imgs: torch.Tensor) -> list[torch.Tensor]:
+        hflip, vflip = self._flips(rng)
         out = []
         for im in imgs:
             if hflip:
@@ -122,8 +148,7 @@ class HRDataset(_CropDataset):
         path = self.files[index]
         c = self.cfg.crop_size
         img = self._fit(load_image(path), c, path)
-        y = int(rng.integers(0, img.shape[-2] - c + 1))
-        x = int(rng.integers(0, img.shape[-1] - c + 1))
+        y, x = self._offset(rng, img.shape[-2], img.shape[-1], c)
         (hr,) = self._flip(rng, img[:, y:y + c, x:x + c])
         return {"hr": hr, "path": str(path)}
 
@@ -131,12 +156,14 @@ class HRDataset(_CropDataset):
 class LQDataset(_CropDataset):
     """Random crops of real low-quality inputs (no ground truth) of side crop_size/scale."""
 
+    def crop_side(self) -> int:
+        return self.cfg.crop_size // self.cfg.scale
+
     def _load(self, index: int, rng: np.random.Generator) -> dict:
         path = self.files[index]
-        c = self.cfg.crop_size // self.cfg.scale
+        c = self.crop_side()
         img = self._fit(load_image(path), c, path)
-        y = int(rng.integers(0, img.shape[-2] - c + 1))
-        x = int(rng.integers(0, img.shape[-1] - c + 1))
+        y, x = self._offset(rng, img.shape[-2], img.shape[-1], c)
         (lr,) = self._flip(rng, img[:, y:y + c, x:x + c])
         return {"lr": lr, "path": str(path)}
 
@@ -147,6 +174,9 @@ class PairedDataset(_CropDataset):
     def _name(self, i: int) -> Any:
         return self.files[i][1]
 
+    def crop_side(self) -> int:
+        return self.cfg.crop_size // self.cfg.scale
+
     def _load(self, index: int, rng: np.random.Generator) -> dict:
         lr_path, hr_path = self.files[index]
         s = self.cfg.scale
@@ -154,12 +184,11 @@ class PairedDataset(_CropDataset):
         if hr.shape[-2] != lr.shape[-2] * s or hr.shape[-1] != lr.shape[-1] * s:
             raise ImageReadError(f"pair {lr_path} / {hr_path}: HR is {hr.shape[-1]}x{hr.shape[-2]}, expected "
                                  f"{s}x the LR ({lr.shape[-1]}x{lr.shape[-2]})")
-        c = self.cfg.crop_size // s
+        c = self.crop_side()
         if lr.shape[-2] < c or lr.shape[-1] < c:
             lr = self._fit(lr, c, lr_path)
             hr = reflect_pad_to(hr, lr.shape[-2] * s, lr.shape[-1] * s)
-        y = int(rng.integers(0, lr.shape[-2] - c + 1))
-        x = int(rng.integers(0, lr.shape[-1] - c + 1))
+        y, x = self._offset(rng, lr.shape[-2], lr.shape[-1], c)
         lr_c = lr[:, y:y + c, x:x + c]
         hr_c = hr[:, y * s:(y + c) * s, x * s:(x + c) * s]
         lr_c, hr_c = self._flip(rng, lr_c, hr_c)
@@ -198,6 +227,7 @@ def collate(samples: list[dict]) -> dict:
         if key in samples[0]:
             out[key] = torch.stack([s[key] for s in samples])
     out["index"] = torch.tensor([s["index"] for s in samples])
+    out["seed"] = torch.tensor([s["seed"] for s in samples], dtype=torch.int64)
     out["path"] = [s["path"] for s in samples]
     out["skipped"] = [p for s in samples for p in s["skipped"]]
     return out
@@ -269,3 +299,17 @@ class ShardedLoader:
     def load_state_dict(self, state: dict) -> None:
         self.state = LoaderState(epoch=int(state["epoch"]), batch=int(state["batch"]))
         self.skipped_files = set(state.get("skipped_files", []))
+
+
+def build_loader(dataset: _CropDataset, cfg: DataConfig, micro_batch: int, seed: int, rank: int = 0,
+                 world: int = 1):
+    """The loader named by ``cfg.loader``: :class:`ShardedLoader` (torch) or the DALI pipeline, which
+    falls back to the torch loader, saying why, when DALI is not installed or cannot read the source."""
+    if cfg.loader == "dali":
+        from .dali import DALILoader, dali_unavailable
+
+        why = dali_unavailable(cfg)
+        if why is None:
+            return DALILoader(dataset, micro_batch, seed, rank, world, num_threads=max(1, cfg.num_workers))
+        log.warning("data.loader=dali: %s; using the torch loader instead", why)
+    return ShardedLoader(dataset, micro_batch, seed, rank, world, num_workers=cfg.num_workers)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -33,18 +34,21 @@ def demo_photos() -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v[..., :3]) for k, v in photos.items()}
 
 
+def _valid(manifest: Path) -> bool:
+    try:
+        return json.loads(manifest.read_text()).get("version") == _VERSION
+    except (OSError, ValueError):
+        return False
+
+
 def demo_dataset_dir(cache: str | Path, patch: int = 128) -> Path:
     """Folder with ``train/`` and ``val/`` HR patches of side `patch`, built on first call."""
     root = Path(cache).expanduser() / f"patches{patch}"
     manifest = root / "manifest.json"
-    if manifest.is_file():
-        try:
-            if json.loads(manifest.read_text()).get("version") == _VERSION:
-                return root
-        except (OSError, ValueError):
-            pass
+    if _valid(manifest):
+        return root
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.with_name(root.name + ".tmp")
+    tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")  # per process: ranks may build it at once
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "train").mkdir(parents=True)
     (tmp / "val").mkdir()
@@ -59,7 +63,16 @@ def demo_dataset_dir(cache: str | Path, patch: int = 128) -> Path:
                 counts[split] += 1
                 k += 1
     (tmp / "manifest.json").write_text(json.dumps({"version": _VERSION, "patch": patch, **counts}))
+    if _valid(manifest):  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+        return root
     shutil.rmtree(root, ignore_errors=True)
-    tmp.rename(root)
+    try:
+        tmp.rename(root)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not _valid(manifest):
+            raise
+        return root
     log.info("demo set written to %s: %d train / %d val patches of %dpx", root, counts["train"], counts["val"], patch)
     return root

@@ -1,9 +1,10 @@
 """Crash-safe checkpoints: written to ``<name>.tmp`` and renamed when complete.
 
-A checkpoint is a folder ``checkpoints/step_000123/`` holding whatever the stage writes plus
-``training_state.pt`` and a ``COMPLETE`` marker written last. A crash mid-save leaves only a
-``.tmp`` folder, which is ignored (and removed by the next save), so the previous checkpoint
-stays the newest complete one.
+A checkpoint is a folder ``checkpoints/step_000123/`` holding whatever the stage writes (every
+rank's DeepSpeed shards and ``rank_N.pt``, rank 0's consolidated safetensors) plus
+``training_state.pt`` and a ``COMPLETE`` marker written last, after everything else is fsynced. A
+crash mid-save leaves only a ``.tmp`` folder, which is ignored (and removed by the next save), so
+the previous checkpoint stays the newest complete one.
 """
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from .distributed import Dist, barrier
+from .faults import maybe_fail
 
 log = logging.getLogger(__name__)
 _STEP = re.compile(r"^step_(\d+)$")
@@ -40,35 +44,55 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return ckpts[-1][1] if ckpts else None
 
 
-def save_checkpoint(root: str | Path, step: int, write: Callable[[Path], None], state: dict, keep: int = 2) -> Path:
-    """Write checkpoint `step` atomically: `write(folder)` fills it, then the state and marker."""
+def save_checkpoint(root: str | Path, step: int, write: Callable[[Path], None], state: dict, keep: int = 2,
+                    dist: Dist = Dist(), write_every_rank: Callable[[Path], None] | None = None) -> Path:
+    """Write checkpoint `step` atomically; every rank calls it.
+
+    1. rank 0 makes ``step_N.tmp``; 2. every rank runs `write_every_rank(tmp)` (DeepSpeed shards,
+    per-rank RNG); 3. rank 0 runs `write(tmp)` (consolidated weights), saves `state`, fsyncs, writes
+    the marker and renames the folder to ``step_N``; older checkpoints beyond `keep` are pruned.
+    """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
     tmp = root / f"step_{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    write(tmp)
-    torch.save(state, tmp / STATE)
-    (tmp / MARKER).write_text(str(step))
-    _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for _, old in complete_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob("step_*.tmp"):
-        shutil.rmtree(stale, ignore_errors=True)
-    log.info("checkpoint written: %s", final)
+    if dist.main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+    if write_every_rank is not None:
+        write_every_rank(tmp)
+    barrier()
+    if dist.main:
+        write(tmp)
+        torch.save(state, tmp / STATE)
+        _fsync_dir(tmp)
+        maybe_fail("save", step)
+        (tmp / MARKER).write_text(str(step))
+        _fsync_dir(tmp, only=MARKER)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for _, old in complete_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in root.glob("step_*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        log.info("checkpoint written: %s", final)
+    barrier()
     return final
+
+
+def rank_file(folder: Path, rank: int) -> Path:
+    """Per-rank state (RNG, partitioned EMA) inside a checkpoint."""
+    return Path(folder) / f"rank_{rank:05d}.pt"
 
 
 def load_state(folder: str | Path) -> dict:
     return torch.load(Path(folder) / STATE, map_location="cpu", weights_only=False)
 
 
-def _fsync_dir(path: Path) -> None:
-    for f in path.rglob("*"):
+def _fsync_dir(path: Path, only: str | None = None) -> None:
+    for f in ([path / only] if only else path.rglob("*")):
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())

@@ -25,6 +25,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def derive_seeds(seeds, *tags: int) -> list[int]:
+    """Independent 62-bit seeds from per-sample seeds and integer tags (e.g. step, purpose): the
+    randomness of a sample depends on the sample, never on which rank or micro-batch it landed in."""
+    return [int(np.random.default_rng((int(s), *tags)).integers(2**62)) for s in seeds]
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -100,16 +106,22 @@ def memory_gib(device: torch.device) -> float:
         return float("nan")
 
 
-def start_run(job) -> tuple[torch.device, Path]:
-    """The opening of every training stage: device, seeds, run folder, the resolved config saved."""
+def start_run(job, ds_cfg=None):
+    """The opening of every training stage: process group, device, seeds (each rank its own global RNG
+    stream; shared randomness is seeded per sample), run folder and resolved config (rank 0).
+    Returns (Dist, device, run_dir)."""
     from ..config import save_config
+    from .distributed import barrier, init
+    from .engine import use_deepspeed
 
-    device = pick_device(job.run.device)
-    seed_everything(job.run.seed)
+    dist, device = init(job.run.device, need_group=ds_cfg is not None and use_deepspeed(ds_cfg))
+    seed_everything(job.run.seed + 1000 * dist.rank)
     run_dir = job.run.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(job, run_dir / "config.yaml")
-    return device, run_dir
+    if dist.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(job, run_dir / "config.yaml")
+    barrier()
+    return dist, device, run_dir
 
 
 def loop_state(step: int, opt, sched, loader, generators: dict[str, torch.Generator], **extra) -> dict:

@@ -31,7 +31,18 @@ Launch:
 
 * 1 CPU (tiny model):  ``oars-fast rl --config configs/demo/rl_fr.yaml``
 * 1 GPU:               ``oars-fast rl --config configs/qwen_image_edit/rl_fr.yaml``
-* N GPUs:              scale-out (DeepSpeed) is a separate issue; this stage runs one process.
+* N GPUs:              ``deepspeed --num_gpus 8 --module oars_fast.cli rl --config configs/qwen_image_edit/rl_fr.yaml``
+
+Scale-out (DeepSpeed ZeRO-2; ZeRO-3 is refused: the LoRA, its EMA and the adapter switching need whole
+parameters): the iteration's ``inputs_per_iter`` groups are split over the ranks, rank ``k`` taking
+global groups ``k, k + W, ...``; a group stays on its rank for rollout and reward. The rewards are
+then all-gathered (B floats) so that every rank computes ``group_advantages`` over the whole
+iteration (the global std and the filter see every group) and takes its own rows. The update loss
+is normalised by the global number of kept (candidate, time) terms, and ranks with fewer kept
+micro-batches run zero-weight passes so every rank takes part in every gradient reduction. All
+randomness is seeded per global group / candidate, so W processes take the same steps as one.
+Only the LoRA is in the optimizer; base, VAE and reward model stay frozen outside it. Rank 0 alone
+evaluates, writes logs, probe grids and the exported LoRA.
 """
 from __future__ import annotations
 
@@ -44,8 +55,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..config import RLJob
-from ..data.datasets import ShardedLoader, build_dataset
+from ..config import RLJob, per_rank
+from ..data.datasets import ShardedLoader, build_dataset, build_loader
 from ..data.images import load_image, make_grid, save_image, scan_images
 from ..kernels import group_advantages, nft_loss_with_stats
 from ..models.backbone import DTYPES, SRBackbone, load_backbone
@@ -53,7 +64,10 @@ from ..models.lora import PolicyAdapters, save_lora, use_fused_lora
 from ..models.sampler import _autocast, euler_sample, per_sample_noise, sde_step, sigma_schedule
 from ..rewards import build_reward
 from ..runtime import checkpoint as ckpt
-from ..runtime.common import build_optimizer, loop_state, memory_gib, restore_loop_state, start_run
+from ..runtime import distributed
+from ..runtime.common import derive_seeds, memory_gib, rng_state, set_rng_state, start_run
+from ..runtime.engine import Trainer
+from ..runtime.faults import maybe_fail
 from ..runtime.logger import StepLogger
 from .sft import Degrader
 
@@ -84,23 +98,24 @@ class RLStage:
     # ------------------------------------------------------------------------------------------
     def setup(self) -> "RLStage":
         job, rl = self.job, self.job.rl
-        self.device, self.run_dir = start_run(job)
+        self.dist, self.device, self.run_dir = start_run(job, job.deepspeed)
+        d = self.dist
         self.autocast_dtype = DTYPES[job.model.dtype]
         self.model: SRBackbone = load_backbone(job.model, job.data.scale, self.device, job.run.seed, train_dtype=True)
         self.policy = PolicyAdapters(self.model.transformer, job.lora, init_from=rl.init_lora)
         if job.lora.fused:
             use_fused_lora(self.model.transformer)
         self.params = self.policy.named_parameters()
-        self.opt, self.sched = build_optimizer(self.params.values(), job.optim, rl.iterations)
+        self.groups = per_rank(rl.inputs_per_iter, d.world, 1, "rl.inputs_per_iter")  # groups on this rank
+        self.trainer = Trainer(self.model.transformer, self.params, job.optim, rl.iterations, job.deepspeed, d,
+                               self.device, self.groups * rl.group_size, 1, job.model.dtype)
         self.reward_fn = build_reward(job.reward, self.device)
-        log.info("rl: mode %s, objective %s, reward %s, K=%d, %d-step rollouts", rl.mode, rl.objective,
-                 self.reward_fn.name, rl.group_size, rl.rollout_steps)
+        log.info("rl: mode %s, objective %s, reward %s, K=%d, %d-step rollouts, %d group(s) x %d rank(s)", rl.mode,
+                 rl.objective, self.reward_fn.name, rl.group_size, rl.rollout_steps, self.groups, d.world)
         self.dataset = build_dataset(job.data, job.run.seed)
-        self.loader = ShardedLoader(self.dataset, rl.inputs_per_iter, job.run.seed, num_workers=job.data.num_workers)
+        self.loader = build_loader(self.dataset, job.data, self.groups, job.run.seed, d.rank, d.world)
         self.degrade = Degrader(job)
-        self.gen_deg = torch.Generator(self.device).manual_seed(job.run.seed + 1)
-        self.gen_noise = torch.Generator(self.device).manual_seed(job.run.seed + 2)
-        self.logger = StepLogger(self.run_dir, "rl")
+        self.logger = StepLogger(self.run_dir, "rl", enabled=d.main)
         self.eval_set = self._eval_set()
         if job.run.resume:
             self._resume()
@@ -126,8 +141,9 @@ class RLStage:
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def rollout(self, lr: torch.Tensor, gt: torch.Tensor | None, seed: int, policy: str = "old",
-                k: int | None = None, sde: bool | None = None) -> Rollout:
-        """K candidates per LR input from `policy` (old: training rollouts; current: evaluation)."""
+                k: int | None = None, sde: bool | None = None, groups: list[int] | None = None) -> Rollout:
+        """K candidates per LR input from `policy` (old: training rollouts; current: evaluation).
+        `groups`: the global position of each input (candidate seeds follow it; default 0, 1, ...)."""
         rl = self.job.rl
         k = k or rl.group_size
         if sde is None:
@@ -137,7 +153,8 @@ class RLStage:
         cond = cond_g.repeat_interleave(k, 0)
         c, h, w = cond.shape[1:]
         sigmas = sigma_schedule(rl.rollout_steps, (h // 2) * (w // 2), self.job.sampler)
-        seeds = [seed * 100003 + i for i in range(g * k)]
+        groups = list(range(g)) if groups is None else groups
+        seeds = [seed * 100003 + gi * k + c for gi in groups for c in range(k)]
         noise = per_sample_noise((c, h, w), seeds, self.device)
         with self.policy.use(policy), _autocast(self.device, self.autocast_dtype):
             res = euler_sample(lambda x, s: self.model.velocity(x, s, cond), noise, sigmas, sde=sde,
@@ -153,7 +170,7 @@ class RLStage:
     def evaluate(self, seed: int = 4242) -> float:
         """Mean reward of the current policy on the held-out inputs: 4 candidates each, fixed seeds,
         deterministic ODE (the same sampler for every objective, so runs compare)."""
-        if not self.eval_set:
+        if not self.eval_set or not self.dist.main:
             return float("nan")
         ro = self.rollout(self.eval_set["lr"], self.eval_set["gt"], seed, policy="current", k=4, sde=False)
         return float(self.score(ro)[0].mean())
@@ -166,111 +183,141 @@ class RLStage:
             with torch.no_grad(), self.policy.use(policy):
                 return self.model.velocity(x_t, t, cond)
 
-    def update_nft(self, ro: Rollout, r: torch.Tensor, idx: torch.Tensor) -> dict:
-        rl = self.job.rl
-        n_terms = len(idx) * rl.timesteps_per_sample
-        sums = {"loss": 0.0, "pos": 0.0, "neg": 0.0, "kl": 0.0, "dv": 0.0}
-        for _ in range(rl.timesteps_per_sample):
-            for s in range(0, len(idx), rl.micro_batch):
-                j = idx[s:s + rl.micro_batch]
-                x0, cond, rr = ro.x0[j], ro.cond[j], r[j]
-                t = torch.rand(len(j), generator=self.gen_noise, device=self.device).clamp(1e-3, 1 - 1e-3)
-                eps = torch.randn(x0.shape, generator=self.gen_noise, device=self.device)
-                tb = t.view(-1, 1, 1, 1)
-                x_t, v_target = (1 - tb) * x0 + tb * eps, eps - x0
-                v_old = self._v(x_t, t, cond, "old")
-                v_ref = self._v(x_t, t, cond, "ref") if rl.kl_weight > 0 else None
-                v_theta = self._v(x_t, t, cond, None)
-                loss, st = nft_loss_with_stats(v_theta, v_old, v_target, t, rr, rl.beta, v_ref, rl.kl_weight)
-                w = len(j) / n_terms
-                (loss * w).backward()
-                sums["loss"] += float(loss.detach()) * w
-                for key in ("pos", "neg", "kl"):
-                    sums[key] += float(st[key]) * w
-                sums["dv"] += float((v_theta.detach().float() - v_old.float()).abs().mean()) * w
-        return sums
+    def _work(self, n_local: int, passes: int) -> tuple[list[tuple[int, slice]], int]:
+        """(pass, micro-batch rows) of this rank's update, padded with empty slices to the largest count
+        of any rank (every rank must join every gradient reduction); and the global row count."""
+        mb = self.job.rl.micro_batch
+        items = [(i, slice(s, min(s + mb, n_local))) for i in range(passes) for s in range(0, n_local, mb)]
+        counts = distributed.all_reduce(torch.tensor([len(items), n_local], dtype=torch.int64, device=self.device),
+                                        "max")
+        n_global = int(distributed.all_reduce(torch.tensor([n_local], dtype=torch.int64, device=self.device)))
+        items += [(0, slice(0, 0))] * (int(counts[0]) - len(items))
+        return items, n_global
 
-    def update_flow_grpo(self, ro: Rollout, r: torch.Tensor, idx: torch.Tensor) -> dict:
+    def _rows(self, idx: torch.Tensor, sl: slice) -> tuple[torch.Tensor, bool]:
+        """Rows of a work item; an empty item (padding) runs one row with weight 0."""
+        j = idx[sl]
+        return (j, True) if len(j) else (torch.zeros(1, dtype=torch.long, device=self.device), False)
+
+    def update_nft(self, ro: Rollout, r: torch.Tensor, idx: torch.Tensor, ids: torch.Tensor) -> dict:
+        """`idx`: kept rows of this rank; `ids`: the global candidate id of every row (seeds t and eps)."""
+        rl = self.job.rl
+        items, n_global = self._work(len(idx), rl.timesteps_per_sample)
+        n_terms = n_global * rl.timesteps_per_sample
+        sums = {"loss": 0.0, "pos": 0.0, "neg": 0.0, "kl": 0.0, "dv": 0.0}
+        for n, (tau, sl) in enumerate(items):
+            j, real = self._rows(idx, sl)
+            x0, cond, rr = ro.x0[j], ro.cond[j], r[j]
+            seeds = derive_seeds(ids[j].tolist(), self.job.run.seed, self.step, tau)
+            t = torch.tensor([float(torch.rand((), generator=torch.Generator().manual_seed(sd))) for sd in seeds],
+                             device=self.device).clamp(1e-3, 1 - 1e-3)
+            eps = per_sample_noise(tuple(x0.shape[1:]), derive_seeds(seeds, 1), self.device)
+            tb = t.view(-1, 1, 1, 1)
+            x_t, v_target = (1 - tb) * x0 + tb * eps, eps - x0
+            v_old = self._v(x_t, t, cond, "old")
+            v_ref = self._v(x_t, t, cond, "ref") if rl.kl_weight > 0 else None
+            v_theta = self._v(x_t, t, cond, None)
+            loss, st = nft_loss_with_stats(v_theta, v_old, v_target, t, rr, rl.beta, v_ref, rl.kl_weight)
+            w = len(j) / n_terms if real else 0.0
+            self.trainer.backward(loss * (w * self.dist.world), last=n == len(items) - 1)
+            sums["loss"] += float(loss.detach()) * w
+            for key in ("pos", "neg", "kl"):
+                sums[key] += float(st[key]) * w
+            sums["dv"] += float((v_theta.detach().float() - v_old.float()).abs().mean()) * w
+        return self._reduce(sums)
+
+    def _reduce(self, sums: dict) -> dict:
+        """Per-rank weighted sums -> global means (weights already divide by the global count)."""
+        keys = list(sums)
+        tot = distributed.all_reduce(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.device))
+        return {k: float(v) for k, v in zip(keys, tot)}
+
+    def update_flow_grpo(self, ro: Rollout, r: torch.Tensor, idx: torch.Tensor, ids: torch.Tensor) -> dict:
         rl = self.job.rl
         adv = (r - 0.5) * 2 * rl.adv_clip  # back from r in [0, 1] to the clipped advantage
         sig = ro.sigmas
         steps = ro.log_probs.shape[1]  # SDE steps (the last, to sigma = 0, is deterministic)
-        n_terms = len(idx) * steps
+        items, n_global = self._work(len(idx), steps)
+        n_terms = n_global * steps
         sums = {"loss": 0.0, "kl": 0.0, "ratio": 0.0, "clipfrac": 0.0}
-        for i in range(steps):
+        for n, (i, sl) in enumerate(items):
+            j, real = self._rows(idx, sl)
             s, s_next = float(sig[i]), float(sig[i + 1])
-            for b in range(0, len(idx), rl.micro_batch):
-                j = idx[b:b + rl.micro_batch]
-                x, x_next, cond = ro.trajectory[i][j], ro.trajectory[i + 1][j], ro.cond[j]
-                t = torch.full((len(j),), s, device=self.device)
-                v = self._v(x, t, cond, None).float()
-                _, lp = sde_step(x, v, s, s_next, float(sig[1]), rl.noise_level, x_next=x_next)
-                ratio = torch.exp(lp - ro.log_probs[j, i])
-                a = adv[j]
-                surrogate = torch.maximum(-a * ratio, -a * ratio.clamp(1 - rl.grpo_clip, 1 + rl.grpo_clip))
-                loss = surrogate.mean()
-                kl = torch.zeros((), device=self.device)
-                if rl.kl_weight > 0:
-                    v_ref = self._v(x, t, cond, "ref").float()
-                    kl = (v - v_ref).pow(2).mean()
-                    loss = loss + rl.kl_weight * kl
-                w = len(j) / n_terms
-                (loss * w).backward()
-                sums["loss"] += float(loss.detach()) * w
-                sums["kl"] += float(kl.detach()) * w
-                sums["ratio"] += float(ratio.detach().mean()) * w
-                sums["clipfrac"] += float(((ratio - 1).abs() > rl.grpo_clip).float().mean()) * w
-        return sums
+            x, x_next, cond = ro.trajectory[i][j], ro.trajectory[i + 1][j], ro.cond[j]
+            t = torch.full((len(j),), s, device=self.device)
+            v = self._v(x, t, cond, None).float()
+            _, lp = sde_step(x, v, s, s_next, float(sig[1]), rl.noise_level, x_next=x_next)
+            ratio = torch.exp(lp - ro.log_probs[j, i])
+            a = adv[j]
+            surrogate = torch.maximum(-a * ratio, -a * ratio.clamp(1 - rl.grpo_clip, 1 + rl.grpo_clip))
+            loss = surrogate.mean()
+            kl = torch.zeros((), device=self.device)
+            if rl.kl_weight > 0:
+                v_ref = self._v(x, t, cond, "ref").float()
+                kl = (v - v_ref).pow(2).mean()
+                loss = loss + rl.kl_weight * kl
+            w = len(j) / n_terms if real else 0.0
+            self.trainer.backward(loss * (w * self.dist.world), last=n == len(items) - 1)
+            sums["loss"] += float(loss.detach()) * w
+            sums["kl"] += float(kl.detach()) * w
+            sums["ratio"] += float(ratio.detach().mean()) * w
+            sums["clipfrac"] += float(((ratio - 1).abs() > rl.grpo_clip).float().mean()) * w
+        return self._reduce(sums)
 
     def train_iteration(self) -> dict:
-        job, rl = self.job, self.job.rl
+        job, rl, d = self.job, self.job.rl, self.dist
+        k = rl.group_size
         t0 = time.perf_counter()
         batch = next(self._iter)
         if "lr" in batch:
             lr = batch["lr"].to(self.device)
         else:
-            lr = self.degrade(batch["hr"].to(self.device), self.gen_deg)
+            lr = self.degrade(batch["hr"].to(self.device), seeds=derive_seeds(batch["seed"].tolist(), 0))
         gt = batch["hr"].to(self.device) if (rl.mode == "fr" and "hr" in batch) else None
-        # 1. rollout (old policy, no grad)
+        groups = [d.rank + d.world * j for j in range(len(lr))]  # global group positions of this rank
+        ids = torch.tensor([g * k + c for g in groups for c in range(k)], device=self.device)
+        # 1. rollout (old policy, no grad); each group stays on its rank
         t1 = time.perf_counter()
-        ro = self.rollout(lr, gt, seed=job.run.seed * 1000003 + self.step + 1)
+        ro = self.rollout(lr, gt, seed=job.run.seed * 1000003 + self.step + 1, groups=groups)
         # 2. reward
         t2 = time.perf_counter()
-        scores, parts = self.score(ro)
-        # 3. groups: r and the keep mask
+        local_scores, parts = self.score(ro)
+        # 3. groups: rewards of every rank (global order), r and the keep mask; this rank's rows
         t3 = time.perf_counter()
-        r, keep = group_advantages(scores, rl.group_size, rl.adv_clip, 1e-4, rl.global_std, rl.filter_mean,
-                                   rl.filter_std)
+        scores = distributed.interleave(local_scores.float().view(-1, k)).flatten()
+        r_all, keep_all = group_advantages(scores, k, rl.adv_clip, 1e-4, rl.global_std, rl.filter_mean,
+                                           rl.filter_std)
+        mine = lambda x: x.view(-1, d.world, k)[:, d.rank].flatten()  # noqa: E731
+        r, keep = mine(r_all), mine(keep_all)
         idx = keep.nonzero().flatten()
         # 4. update (current adapter)
         stats: dict = {}
-        if len(idx) and bool(torch.isfinite(scores).all()):
-            stats = self.update_nft(ro, r, idx) if rl.objective == "nft" else self.update_flow_grpo(ro, r, idx)
-            clip = job.optim.grad_clip if job.optim.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(list(self.params.values()), clip))
-            if math.isfinite(stats["loss"]) and math.isfinite(grad_norm):
-                self.opt.step()
-            else:
+        finite = bool(torch.isfinite(scores).all())
+        if bool(keep_all.any()) and finite:
+            stats = self.update_nft(ro, r, idx, ids) if rl.objective == "nft" else \
+                self.update_flow_grpo(ro, r, idx, ids)
+            stats["grad_norm"], stepped = self.trainer.step()
+            if not (stepped and math.isfinite(stats["loss"])):
                 log.warning("rl iteration %d: non-finite loss/grad: update skipped", self.step + 1)
-            stats["grad_norm"] = grad_norm
-        elif not bool(torch.isfinite(scores).all()):
-            log.warning("rl iteration %d: non-finite rewards: update skipped", self.step + 1)
-        self.opt.zero_grad(set_to_none=True)
-        self.sched.step()
+        else:
+            if not finite:
+                log.warning("rl iteration %d: non-finite rewards: update skipped", self.step + 1)
+            self.trainer.skip()
         self.step += 1
-        # 5. old policy <- EMA of the current one
+        # 5. old policy <- EMA of the current one (whole LoRA on every rank: the same result everywhere)
         eta = rl.eta(self.step)
         self.policy.ema_update(eta)
         t4 = time.perf_counter()
         n = len(scores)
         out = {"reward": float(scores.mean()), "reward_std": float(scores.std(unbiased=False)),
                "reward_min": float(scores.min()), "reward_max": float(scores.max()),
-               "kept": float(keep.float().mean()), "groups_dropped": int((~keep).sum()) // rl.group_size,
-               "r_mean": float(r.mean()), "r_std": float(r.std(unbiased=False)), **stats, "eta": eta,
-               "rollout_img/s": n / (t2 - t1), "train_samples/s": len(idx) / max(t4 - t3, 1e-9),
+               "kept": float(keep_all.float().mean()), "groups_dropped": int((~keep_all).sum()) // k,
+               "r_mean": float(r_all.mean()), "r_std": float(r_all.std(unbiased=False)), **stats, "eta": eta,
+               "rollout_img/s": n / (t2 - t1), "train_samples/s": int(keep_all.sum()) / max(t4 - t3, 1e-9),
                "data_s": t1 - t0, "rollout_s": t2 - t1, "reward_s": t3 - t2, "train_s": t4 - t3,
                "mem_GiB": memory_gib(self.device), "samples": n * self.step}
-        out.update({f"reward_part/{k}": float(v.mean()) for k, v in parts.items()})
+        out.update({f"reward_part/{key}": float(distributed.all_reduce(v.float().mean().reshape(1)) / d.world)
+                    for key, v in parts.items()})
         return out
 
     def train(self, until: int | None = None) -> list[dict]:
@@ -278,8 +325,10 @@ class RLStage:
         end = min(rl.iterations, until) if until is not None else rl.iterations
         from tqdm import tqdm
 
-        bar = tqdm(total=end, initial=self.step, desc=f"rl {rl.mode}", disable=None, leave=False)
+        bar = tqdm(total=end, initial=self.step, desc=f"rl {rl.mode}", disable=None if self.dist.main else True,
+                   leave=False)
         while self.step < end:
+            maybe_fail("train", self.step + 1)
             stats = self.train_iteration()
             self.history.append(stats)
             bar.update(1)
@@ -300,7 +349,7 @@ class RLStage:
     @torch.no_grad()
     def write_probe(self) -> Path | None:
         """Candidates of the current policy for the first held-out input: LR | K candidates | GT."""
-        if not self.eval_set:
+        if not self.eval_set or not self.dist.main:
             return None
         lr, gt = self.eval_set["lr"][:1], self.eval_set["gt"]
         ro = self.rollout(lr, gt[:1] if gt is not None else None, seed=31337, policy="current",
@@ -313,34 +362,51 @@ class RLStage:
         return path
 
     def save_checkpoint(self) -> Path:
+        """Every rank calls: DeepSpeed shards + per-rank RNG; rank 0: both adapters (current and old)."""
         tr = self.model.transformer
         lora_state = {k: v.detach().float().cpu().contiguous() for k, v in tr.state_dict().items() if "lora_" in k}
-        state = loop_state(self.step, self.opt, self.sched, self.loader,
-                           {"deg": self.gen_deg, "noise": self.gen_noise}, history=self.history)
+        state = {"step": self.step, **self.trainer.state_dict(), "loader": self.loader.state_dict(),
+                 "history": self.history, "world": self.dist.world}
+
+        def every_rank(folder: Path) -> None:
+            self.trainer.save(folder)
+            torch.save({"rng": rng_state()}, ckpt.rank_file(folder, self.dist.rank))
+
         return ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step,
-                                    lambda d: save_file(lora_state, str(d / "adapters.safetensors")), state,
-                                    keep=self.job.rl.keep_checkpoints)
+                                    lambda f: save_file(lora_state, str(f / "adapters.safetensors")), state,
+                                    keep=self.job.rl.keep_checkpoints, dist=self.dist, write_every_rank=every_rank)
 
     def _resume(self) -> None:
         folder = ckpt.latest_checkpoint(self.run_dir / "checkpoints")
         if folder is None:
             log.warning("resume asked but no complete checkpoint in %s: starting fresh", self.run_dir / "checkpoints")
             return
-        weights = load_file(str(folder / "adapters.safetensors"))
+        state = ckpt.load_state(folder)
+        if self.trainer.deepspeed and state.get("world") != self.dist.world:
+            raise RuntimeError(f"checkpoint {folder} was written by {state.get('world')} rank(s), this run has "
+                               f"{self.dist.world}: DeepSpeed shards resume on the same world size "
+                               f"(adapters.safetensors holds the LoRA for a fresh start: rl.init_lora)")
+        self.trainer.load(folder, state)
+        weights = load_file(str(folder / "adapters.safetensors"))  # current and old adapter
         own = {k: v for k, v in self.model.transformer.state_dict(keep_vars=True).items() if "lora_" in k}
         if set(own) != set(weights):
             raise RuntimeError(f"checkpoint {folder} holds other LoRA tensors than this model (another lora config?)")
         with torch.no_grad():
             for k, p in own.items():
                 p.copy_(weights[k].to(p.device, p.dtype))
-        state = ckpt.load_state(folder)
-        self.step = restore_loop_state(state, self.opt, self.sched, self.loader,
-                                       {"deg": self.gen_deg, "noise": self.gen_noise})
+        self.step = int(state["step"])
+        self.loader.load_state_dict(state["loader"])
+        mine = ckpt.rank_file(folder, self.dist.rank)
+        if mine.is_file():
+            set_rng_state(torch.load(mine, map_location="cpu", weights_only=False)["rng"])
         self.history = list(state.get("history", []))
         log.info("resumed from %s (iteration %d)", folder, self.step)
 
     def export(self) -> None:
-        """The trained (current) LoRA in peft layout -> <run>/lora; merged into rl.sft_model -> <run>/merged."""
+        """The trained (current) LoRA in peft layout -> <run>/lora; merged into rl.sft_model -> <run>/merged
+        (rank 0)."""
+        if not self.dist.main:
+            return
         save_lora(self.model.transformer, self.run_dir / "lora", PolicyAdapters.CURRENT)
         if self.job.rl.sft_model:
             from ..config import MergeConfig, MergeJob
@@ -363,6 +429,9 @@ def run(job: RLJob) -> int:
         stage.write_probe()
     finally:
         stage.cleanup()
+    distributed.shutdown()
+    if not stage.dist.main:
+        return 0
     print(f"rl ({job.rl.mode}, {job.rl.objective}, reward {stage.reward_fn.name}): {len(history)} iterations; "
           f"held-out mean reward {before:.4f} -> {after:.4f}; LoRA in {job.run.run_dir / 'lora'}")
     return 0

@@ -11,7 +11,17 @@ Algorithm, per optimizer step (``grad_accum`` micro-batches):
 5. step: grad clipping, AdamW, LR schedule, optional EMA; a NaN/inf loss skips the step (logged).
 
 Full-parameter (``sft.train=full``) or LoRA (``sft.train=lora``, settings in ``lora:``) training.
-Mixed precision: float32 master weights, compute under autocast in ``model.dtype``.
+Mixed precision: float32 master weights, compute under autocast in ``model.dtype`` (DeepSpeed bf16:
+module in bf16, float32 master weights in the optimizer).
+
+Scale-out: with more than one process (``deepspeed`` launcher or ``torchrun``) the optimizer side is a
+DeepSpeed ZeRO engine (``deepspeed.zero_stage``: 3 for full-parameter training of the 20B transformer,
+2 for LoRA), see :mod:`oars_fast.runtime.engine`. Rank ``k`` of ``W`` reads global batch positions
+``k, k + W, ...``; every random draw after loading (degradation, ``t``, ``eps``) is seeded per
+sample, so N processes take the same steps as one process on the same global batch (the tests
+check the per-step losses). Rank 0 alone writes logs, grids and the exported model; every rank
+writes its DeepSpeed shards into the checkpoint. With ZeRO-3 the EMA is kept per rank on the
+rank's parameter partition and gathered only for the export.
 
 Outputs in ``runs/<name>/``: ``config.yaml``, ``logs/sft.jsonl`` + TensorBoard, ``samples/`` (LR | SR
 | HR grids), ``checkpoints/step_N/`` (trainable weights as safetensors + training state, written
@@ -23,7 +33,8 @@ Launch:
 
 * 1 CPU (tiny model):  ``oars-fast sft --config configs/demo/sft.yaml``
 * 1 GPU:               ``oars-fast sft --config configs/qwen_image_edit/sft.yaml``
-* N GPUs:              DeepSpeed ZeRO is the scale-out issue; this stage runs one process.
+* N GPUs:              ``deepspeed --num_gpus 8 --module oars_fast.cli sft --config configs/qwen_image_edit/sft.yaml``
+* N nodes:             the same with ``--hostfile HOSTS`` (the run folder must be on a shared file system)
 """
 from __future__ import annotations
 
@@ -36,16 +47,19 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..config import SFTJob, per_rank
-from ..data.datasets import ShardedLoader, build_dataset
+from ..config import ConfigError, SFTJob, per_rank
+from ..data.datasets import ShardedLoader, build_dataset, build_loader
 from ..data.degrade import RealESRGANDegradation
 from ..data.images import load_image, make_grid, save_image, scan_images
 from ..models.backbone import DTYPES, SRBackbone, load_backbone
 from ..models.flow import flow_matching_loss, sample_timesteps
 from ..models.lora import add_lora, merged_state_dict, save_lora, use_fused_lora
-from ..models.sampler import _autocast, sample_sr
+from ..models.sampler import _autocast, per_sample_noise, sample_sr
 from ..runtime import checkpoint as ckpt
-from ..runtime.common import EMA, build_optimizer, loop_state, memory_gib, restore_loop_state, start_run
+from ..runtime import distributed
+from ..runtime.common import EMA, derive_seeds, memory_gib, rng_state, set_rng_state, start_run
+from ..runtime.engine import Trainer
+from ..runtime.faults import maybe_fail
 from ..runtime.logger import StepLogger
 
 log = logging.getLogger(__name__)
@@ -58,11 +72,23 @@ class Degrader:
         self.kind, self.scale = job.degradation.kind, job.data.scale
         self.deg = RealESRGANDegradation(job.degradation, job.data.scale)
 
-    def __call__(self, hr: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def __call__(self, hr: torch.Tensor, generator: torch.Generator | None = None,
+                 seeds: list[int] | None = None) -> torch.Tensor:
+        """`seeds`: one per image, each image degraded from its own seed (rank-independent)."""
         if self.kind == "bicubic":
             lr = F.interpolate(hr, scale_factor=1 / self.scale, mode="bicubic", align_corners=False, antialias=True)
             return (lr.clamp(0, 1) * 255).round() / 255
-        return self.deg(hr, generator=generator)
+        if seeds is None:
+            return self.deg(hr, generator=generator)
+        return torch.cat([self.deg(hr[i:i + 1], generator=torch.Generator().manual_seed(int(sd)))
+                          for i, sd in enumerate(seeds)])
+
+
+def per_sample_timesteps(seeds: list[int], job: SFTJob, seq_len: int, device: torch.device) -> torch.Tensor:
+    """One training time per sample, each drawn from the sample's own seed."""
+    sft = job.sft
+    return torch.cat([sample_timesteps(1, sft.timestep_sampling, torch.Generator().manual_seed(int(sd)), seq_len,
+                                       sft.logit_mean, sft.logit_std, job.sampler) for sd in seeds]).to(device)
 
 
 class SFTStage:
@@ -74,7 +100,10 @@ class SFTStage:
     # ------------------------------------------------------------------------------------------
     def setup(self) -> "SFTStage":
         job = self.job
-        self.device, self.run_dir = start_run(job)
+        if job.deepspeed.zero_stage == 3 and job.sft.train == "lora" and job.deepspeed.enabled != "off":
+            raise ConfigError("sft.train=lora with deepspeed.zero_stage=3 is not supported (the frozen base would be "
+                              "sharded too and LoRA merging needs it whole); choose zero_stage 0, 1 or 2")
+        self.dist, self.device, self.run_dir = start_run(job, job.deepspeed)
         self.autocast_dtype = DTYPES[job.model.dtype]
         self.model: SRBackbone = load_backbone(job.model, job.data.scale, self.device, job.run.seed, train_dtype=True)
         tr = self.model.transformer
@@ -87,24 +116,31 @@ class SFTStage:
             tr.requires_grad_(True)
         tr.train()
         self.params = {n: p for n, p in tr.named_parameters() if p.requires_grad}
-        self.opt, self.sched = build_optimizer(self.params.values(), job.optim, job.sft.steps)
-        self.ema = EMA(self.params, job.sft.ema_decay) if job.sft.ema_decay > 0 else None
-        self.micro = per_rank(job.data.batch_size, 1, job.optim.grad_accum, "data.batch_size")
+        d = self.dist
+        self.micro = per_rank(job.data.batch_size, d.world, job.optim.grad_accum, "data.batch_size")
+        self.trainer = Trainer(tr, self.params, job.optim, job.sft.steps, job.deepspeed, d, self.device, self.micro,
+                               job.optim.grad_accum, job.model.dtype)
+        self.ema = EMA(self._local_params(), job.sft.ema_decay) if job.sft.ema_decay > 0 else None
         self.dataset = build_dataset(job.data, job.run.seed)
-        self.loader = ShardedLoader(self.dataset, self.micro, job.run.seed, num_workers=job.data.num_workers)
+        self.loader = build_loader(self.dataset, job.data, self.micro, job.run.seed, d.rank, d.world)
         self.degrade = Degrader(job)
-        self.gen_deg = torch.Generator(self.device).manual_seed(job.run.seed + 1)
-        self.gen_noise = torch.Generator(self.device).manual_seed(job.run.seed + 2)
-        self.logger = StepLogger(self.run_dir, "sft")
+        # the latent pool's draws are shared by all ranks (each takes its positions of the global batch)
+        self.gen_pool = torch.Generator().manual_seed(job.run.seed + 2)
+        self.logger = StepLogger(self.run_dir, "sft", enabled=d.main)
         self.probe = self._probe_batch()
         self.pool = self._latent_pool(job.sft.latent_pool) if job.sft.latent_pool else None
         if job.run.resume:
             self._resume()
         self._iter = iter(self.loader)
-        n_train = sum(p.numel() for p in self.params.values())
-        log.info("sft: %s training, %.2fM trainable parameters, micro-batch %d x accum %d, device %s, dtype %s",
-                 job.sft.train, n_train / 1e6, self.micro, job.optim.grad_accum, self.device, job.model.dtype)
+        n_train = sum(getattr(p, "ds_numel", p.numel()) for p in self.params.values())
+        log.info("sft: %s training, %.2fM trainable parameters, micro-batch %d x accum %d x %d rank(s), device %s, "
+                 "dtype %s", job.sft.train, n_train / 1e6, self.micro, job.optim.grad_accum, d.world, self.device,
+                 job.model.dtype)
         return self
+
+    def _local_params(self) -> dict[str, torch.Tensor]:
+        """What this rank holds of each trainable tensor (ZeRO-3: its partition), for the EMA."""
+        return {k: self.trainer.local_tensor(p) for k, p in self.params.items()}
 
     def _probe_batch(self) -> dict:
         """A fixed LR/HR batch for sample grids: held-out demo patches or the first images of the set."""
@@ -135,67 +171,66 @@ class SFTStage:
         """Encode `n` samples once (own loader and generator, so the pool depends on the seed alone)."""
         seed = self.job.run.seed + 11
         loader = iter(ShardedLoader(self.dataset, self.micro, seed))
-        gen = torch.Generator(self.device).manual_seed(seed)
         xs, cs = [], []
         while sum(len(x) for x in xs) < n:
             batch = next(loader)
             hr = batch["hr"].to(self.device)
-            lr = batch["lr"].to(self.device) if "lr" in batch else self.degrade(hr, gen)
+            lr = batch["lr"].to(self.device) if "lr" in batch else self.degrade(hr, seeds=batch["seed"].tolist())
             xs.append(self.model.encode(hr))
             cs.append(self.model.encode_lr(lr))
         log.info("sft: latent pool of %d samples encoded once", n)
         return torch.cat(xs)[:n], torch.cat(cs)[:n]
 
     # ------------------------------------------------------------------------------------------
-    def _micro_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x0, cond) latents of one micro-batch."""
+    def _micro_batch(self) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """(x0, cond) latents of this rank's part of one micro-batch, and one seed per sample."""
         if self.pool is not None:
-            idx = torch.randint(0, len(self.pool[0]), (self.micro,), generator=self.gen_noise, device=self.device)
-            return self.pool[0][idx], self.pool[1][idx]
+            d, n = self.dist, self.micro * self.dist.world
+            idx = torch.randint(0, len(self.pool[0]), (n,), generator=self.gen_pool)[d.rank::d.world]
+            seeds = torch.randint(0, 2**62, (n,), generator=self.gen_pool)[d.rank::d.world].tolist()
+            idx = idx.to(self.device)
+            return self.pool[0][idx], self.pool[1][idx], seeds
         batch = next(self._iter)
+        seeds = batch["seed"].tolist()
         hr = batch["hr"].to(self.device, non_blocking=True)
-        lr = batch["lr"].to(self.device) if "lr" in batch else self.degrade(hr, self.gen_deg)
+        lr = batch["lr"].to(self.device) if "lr" in batch else self.degrade(hr, seeds=derive_seeds(seeds, 0))
         with torch.no_grad():
-            return self.model.encode(hr), self.model.encode_lr(lr)
+            return self.model.encode(hr), self.model.encode_lr(lr), seeds
 
     def train_step(self) -> dict:
         job = self.job
         t0 = time.perf_counter()
         t_data = t_fwd = 0.0
         total = 0.0
-        for _ in range(job.optim.grad_accum):
+        accum = job.optim.grad_accum
+        for a in range(accum):
             td = time.perf_counter()
-            x0, cond = self._micro_batch()
+            x0, cond, seeds = self._micro_batch()
             t_data += time.perf_counter() - td
             seq = (x0.shape[-2] // 2) * (x0.shape[-1] // 2)
-            t = sample_timesteps(x0.shape[0], job.sft.timestep_sampling, self.gen_noise, seq, job.sft.logit_mean,
-                                 job.sft.logit_std, job.sampler)
-            eps = torch.randn(x0.shape, generator=self.gen_noise, device=self.device)
+            step_seeds = derive_seeds(seeds, self.step)  # pool samples recur: fresh draws every step
+            t = per_sample_timesteps(derive_seeds(step_seeds, 1), job, seq, self.device)
+            eps = per_sample_noise(tuple(x0.shape[1:]), derive_seeds(step_seeds, 2), self.device)
             tf = time.perf_counter()
             with _autocast(self.device, self.autocast_dtype):
                 loss, _ = flow_matching_loss(self.model, x0, cond, t, eps)
-            (loss / job.optim.grad_accum).backward()
+            self.trainer.backward(loss / accum, last=a == accum - 1)
             t_fwd += time.perf_counter() - tf
-            total += float(loss.detach()) / job.optim.grad_accum
-        params = list(self.params.values())
-        clip = job.optim.grad_clip if job.optim.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-        skipped = not (math.isfinite(total) and math.isfinite(grad_norm))
+            total += float(loss.detach()) / accum
+        total = float(distributed.all_reduce(torch.tensor([total], dtype=torch.float64))) / self.dist.world
+        lr_now = self.trainer.lr
+        grad_norm, stepped = self.trainer.step()
+        skipped = not (stepped and math.isfinite(total))
         if skipped:
             log.warning("sft step %d: non-finite loss %.4g / grad norm %.4g: step skipped", self.step + 1, total,
                         grad_norm)
-        else:
-            self.opt.step()
-            if self.ema is not None:
-                self.ema.update(self.params)
-        self.opt.zero_grad(set_to_none=True)
-        lr_now = self.sched.get_last_lr()[0]
-        self.sched.step()
+        elif self.ema is not None:
+            self.ema.update(self._local_params())
         self.step += 1
         dt = time.perf_counter() - t0
         return {"loss": total, "grad_norm": grad_norm, "lr": lr_now, "samples/s": job.data.batch_size / dt,
                 "step_s": dt, "data_s": t_data, "train_s": t_fwd, "mem_GiB": memory_gib(self.device),
-                "skipped": int(skipped)}
+                "skipped": int(skipped), "ranks": self.dist.world}
 
     def train(self, until: int | None = None) -> list[float]:
         """Run to `sft.steps` (or stop after step `until`: an interruption, for tests). Returns the losses."""
@@ -203,8 +238,9 @@ class SFTStage:
         end = min(job.sft.steps, until) if until is not None else job.sft.steps
         from tqdm import tqdm
 
-        bar = tqdm(total=end, initial=self.step, desc="sft", disable=None, leave=False)
+        bar = tqdm(total=end, initial=self.step, desc="sft", disable=None if self.dist.main else True, leave=False)
         while self.step < end:
+            maybe_fail("train", self.step + 1)
             stats = self.train_step()
             self.losses.append(stats["loss"])
             bar.update(1)
@@ -232,73 +268,104 @@ class SFTStage:
         tr.train()
         grid = make_grid([[lr, s, hr] for lr, s, hr in zip(self.probe["lr"], sr, self.probe["hr"])])
         path = self.run_dir / "samples" / f"sft_step_{self.step:06d}.png"
+        if not self.dist.main:  # every rank samples (ZeRO-3 forwards are collective); rank 0 writes
+            return path
         save_image(grid, path)
         self.logger.image("lr_sr_hr", grid, self.step)
         return path
 
-    def _generators(self) -> dict[str, torch.Generator]:
-        return {"deg": self.gen_deg, "noise": self.gen_noise}
-
-    def _trainable_state(self) -> dict[str, torch.Tensor]:
-        return {k: p.detach().float().cpu().contiguous() for k, p in self.params.items()}
-
     def save_checkpoint(self) -> Path:
-        state = loop_state(self.step, self.opt, self.sched, self.loader, self._generators(),
-                           ema=self.ema.state_dict() if self.ema else None, losses=self.losses)
+        """Every rank calls: DeepSpeed shards + per-rank RNG/EMA; rank 0: consolidated weights + state."""
+        weights = self.trainer.full_state()  # ZeRO-3: gathered (collective); float32 on CPU
+        zero3_ema = self.ema is not None and self.trainer.zero3
+        state = {"step": self.step, **self.trainer.state_dict(), "loader": self.loader.state_dict(),
+                 "pool_generator": self.gen_pool.get_state(), "losses": self.losses, "world": self.dist.world,
+                 "ema": self.ema.state_dict() if self.ema is not None and not zero3_ema else None}
+
+        def every_rank(folder: Path) -> None:
+            self.trainer.save(folder)
+            torch.save({"rng": rng_state(), "ema": self.ema.state_dict() if zero3_ema else None},
+                       ckpt.rank_file(folder, self.dist.rank))
+
         return ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step,
-                                    lambda d: save_file(self._trainable_state(), str(d / "trainable.safetensors")),
-                                    state, keep=self.job.sft.keep_checkpoints)
+                                    lambda d: save_file(weights, str(d / "trainable.safetensors")), state,
+                                    keep=self.job.sft.keep_checkpoints, dist=self.dist, write_every_rank=every_rank)
 
     def _resume(self) -> None:
         folder = ckpt.latest_checkpoint(self.run_dir / "checkpoints")
         if folder is None:
             log.warning("resume asked but no complete checkpoint in %s: starting fresh", self.run_dir / "checkpoints")
             return
-        weights = load_file(str(folder / "trainable.safetensors"))
-        missing = set(self.params) - set(weights)
-        if missing:
-            raise RuntimeError(f"checkpoint {folder} lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[:3]}); "
-                               f"was it written with another sft.train / lora setting?")
-        with torch.no_grad():
-            for k, p in self.params.items():
-                p.copy_(weights[k].to(p.device, p.dtype))
         state = ckpt.load_state(folder)
-        self.step = restore_loop_state(state, self.opt, self.sched, self.loader, self._generators())
-        if self.ema is not None and state.get("ema"):
-            self.ema.load_state_dict(state["ema"])
+        if not self.trainer.deepspeed:  # DeepSpeed restores the module weights with its optimizer state
+            weights = load_file(str(folder / "trainable.safetensors"))
+            missing = set(self.params) - set(weights)
+            if missing:
+                raise RuntimeError(f"checkpoint {folder} lacks {len(missing)} trainable tensors (e.g. "
+                                   f"{sorted(missing)[:3]}); was it written with another sft.train / lora setting?")
+            with torch.no_grad():
+                for k, p in self.params.items():
+                    p.copy_(weights[k].to(p.device, p.dtype))
+        elif state.get("world") != self.dist.world:
+            raise RuntimeError(f"checkpoint {folder} was written by {state.get('world')} rank(s), this run has "
+                               f"{self.dist.world}: DeepSpeed shards resume on the same world size (the "
+                               f"consolidated trainable.safetensors holds the weights for a fresh start)")
+        self.trainer.load(folder, state)
+        self.step = int(state["step"])
+        self.loader.load_state_dict(state["loader"])
+        self.gen_pool.set_state(state["pool_generator"])
+        mine = torch.load(ckpt.rank_file(folder, self.dist.rank), map_location="cpu", weights_only=False) \
+            if ckpt.rank_file(folder, self.dist.rank).is_file() else {}
+        if "rng" in mine:
+            set_rng_state(mine["rng"])
+        if self.ema is not None:
+            ema_state = mine.get("ema") if self.trainer.zero3 else state.get("ema")
+            if ema_state:
+                self.ema.load_state_dict(ema_state)
         self.losses = list(state.get("losses", []))
         log.info("resumed from %s (step %d)", folder, self.step)
 
     def export(self, path: Path) -> Path:
-        """Write the trained model as a diffusers-loadable folder (EMA weights if enabled; LoRA merged)."""
+        """Write the trained model as a diffusers-loadable folder (EMA weights if enabled; LoRA merged).
+        Every rank calls (ZeRO-3 gathers the weights one tensor at a time); rank 0 writes."""
         tr = self.model.transformer
         backup = None
-        if self.ema is not None:
-            backup = self._trainable_state()
+        state = None  # None: the module itself holds the weights to save
+        if self.trainer.zero3:  # whole tensors from the partitions (EMA shadow or parameters)
+            state = self.trainer.full_state(dict(tr.named_parameters()))
+            if self.ema is not None:
+                state.update(self.trainer.full_from_partitions(self.ema.shadow))
+            state.update({k: b.detach().float().cpu() for k, b in tr.named_buffers()})
+        elif self.ema is not None:  # EMA weights into the parameters for the export, restored after
+            backup = {k: p.detach().clone() for k, p in self.params.items()}
             with torch.no_grad():
                 for k, p in self.params.items():
                     p.copy_(self.ema.shadow[k].to(p.device, p.dtype))
-        state = merged_state_dict(tr) if self.job.sft.train == "lora" else None
+        if self.job.sft.train == "lora" and self.dist.main:
+            state = merged_state_dict(tr)
         tmp = path.with_name(path.name + ".tmp")
-        if state is not None:
-            from diffusers import QwenImageTransformer2DModel
+        if self.dist.main:
+            if state is not None:
+                from diffusers import QwenImageTransformer2DModel
 
-            plain = QwenImageTransformer2DModel.from_config(tr.config)
-            plain.load_state_dict(state)
-            SRBackbone(plain, self.model.vae, self._prompt(), self.model.scale).save_pretrained(tmp)
-        else:
-            self.model.save_pretrained(tmp)
-        if self.job.sft.train == "lora":
-            save_lora(tr, tmp / "lora")
+                plain = QwenImageTransformer2DModel.from_config(tr.config)
+                plain.load_state_dict(state)
+                SRBackbone(plain, self.model.vae, self._prompt(), self.model.scale).save_pretrained(tmp)
+            else:
+                self.model.save_pretrained(tmp)
+            if self.job.sft.train == "lora":
+                save_lora(tr, tmp / "lora")
         if backup is not None:
             with torch.no_grad():
                 for k, p in self.params.items():
-                    p.copy_(backup[k].to(p.device, p.dtype))
-        import shutil
+                    p.copy_(backup[k])
+        if self.dist.main:
+            import shutil
 
-        shutil.rmtree(path, ignore_errors=True)
-        tmp.rename(path)
-        log.info("model exported to %s", path)
+            shutil.rmtree(path, ignore_errors=True)
+            tmp.rename(path)
+            log.info("model exported to %s", path)
+        distributed.barrier()
         return path
 
     def _prompt(self):
@@ -323,5 +390,9 @@ def train_to_end(job: SFTJob) -> list[float]:
 
 def run(job: SFTJob) -> int:
     losses = train_to_end(job)
+    main = distributed.rank() == 0
+    distributed.shutdown()
+    if not main:
+        return 0
     print(f"sft: {len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}; model in {job.run.run_dir / 'model'}")
     return 0
