@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Run `oars-fast <command> --help` for that command's config fields.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    # the deepspeed launcher passes --local_rank=N before the command (torchrun sets LOCAL_RANK instead)
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", metavar="<command>")
     for name, cmd in COMMANDS.items():
         status = "" if cmd.runner else "  [not built yet]"
@@ -58,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--config", help="YAML config file (see configs/)")
         sp.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
         sp.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-        sp.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+        sp.add_argument("--local_rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         sp.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=1e-4")
     return p
 

@@ -22,10 +22,14 @@ def _env() -> dict:
     return env
 
 
-def launch(nproc: int, args: list[str], env_extra: dict | None = None, check: bool = True):
-    """`oars-fast <args>` on `nproc` processes (torchrun) or one plain process."""
+def launch(nproc: int, args: list[str], env_extra: dict | None = None, check: bool = True,
+           launcher: str = "torchrun"):
+    """`oars-fast <args>` on `nproc` processes (torchrun or the deepspeed launcher) or one plain process."""
     if nproc == 1:
         cmd = [sys.executable, "-m", "oars_fast.cli", *args]
+    elif launcher == "deepspeed":  # as users launch: deepspeed --num_gpus N --module oars_fast.cli ...
+        cmd = [str(Path(sys.executable).with_name("deepspeed")), f"--num_gpus={nproc}", f"--master_port={_port()}",
+               "--module", "oars_fast.cli", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                f"--master_port={_port()}", "-m", "oars_fast.cli", *args]

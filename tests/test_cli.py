@@ -34,6 +34,16 @@ def test_print_config(capsys):
     assert "batch_size: 16" in capsys.readouterr().out
 
 
+def test_launcher_local_rank_is_accepted_before_and_after_the_command(capsys):
+    # the deepspeed launcher passes --local_rank=N before the command; older launchers after it
+    assert main(["--local_rank=1", "sft", "--print-config", "deepspeed.zero_stage=3"]) == 0
+    assert "zero_stage: 3" in capsys.readouterr().out
+    assert main(["rl", "--print-config", "--local_rank=0"]) == 0
+    capsys.readouterr()
+    assert main(["rl", "--print-config", "deepspeed.enabled=off"]) == 0
+    assert "enabled: 'off'" in capsys.readouterr().out  # a bare YAML off (a boolean) means 'off'
+
+
 def test_data_command_on_folder(image_dir, tmp_path, capsys):
     rc = main(["data", "data.source=hr", f"data.hr_dir={image_dir}", "data.crop_size=32", "data.batch_size=2",
                f"run.output_dir={tmp_path}", "run.name=d"])

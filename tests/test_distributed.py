@@ -53,9 +53,11 @@ def test_deepspeed_config_is_generated_and_checked():
 
 @pytest.mark.timeout(900)
 def test_sft_zero2_and_zero3_match_one_process(tmp_path, demo_cache):
+    """ZeRO-2 through torchrun, ZeRO-3 through the deepspeed launcher (as production runs start)."""
     launch(1, sft_args(tmp_path, demo_cache, "one", "sft.ema_decay=0.5"))
     launch(2, sft_args(tmp_path, demo_cache, "z2", "sft.ema_decay=0.5", "deepspeed.zero_stage=2"))
-    launch(2, sft_args(tmp_path, demo_cache, "z3", "sft.ema_decay=0.5", "deepspeed.zero_stage=3"))
+    launch(2, sft_args(tmp_path, demo_cache, "z3", "sft.ema_decay=0.5", "deepspeed.zero_stage=3"),
+           launcher="deepspeed")
     one = losses(tmp_path / "one", "sft")
     assert sorted(one) == [1, 2, 3, 4]
     for name in ("z2", "z3"):
@@ -74,6 +76,17 @@ def test_sft_zero2_and_zero3_match_one_process(tmp_path, demo_cache):
             torch.testing.assert_close(got[k], ref[k], rtol=1e-3, atol=1e-5, msg=f"{name}: {k}")
         assert (tmp_path / name / "checkpoints" / "step_000004" / "deepspeed").is_dir()
         assert (tmp_path / name / "checkpoints" / "step_000004" / "rank_00001.pt").is_file()
+
+
+def test_deepspeed_engine_in_one_process(tmp_path, demo_cache):
+    """deepspeed.enabled=on without a launcher: a one-process group; the same steps as plain PyTorch."""
+    launch(1, sft_args(tmp_path, demo_cache, "plain", "sft.steps=2"))
+    launch(1, sft_args(tmp_path, demo_cache, "ds", "sft.steps=2", "deepspeed.enabled=on"))
+    one, got = losses(tmp_path / "plain", "sft"), losses(tmp_path / "ds", "sft")
+    assert sorted(got) == sorted(one) == [1, 2]
+    for s in one:
+        assert got[s] == pytest.approx(one[s], rel=1e-5)
+    assert (tmp_path / "ds" / "checkpoints" / "step_000002" / "deepspeed").is_dir()
 
 
 @pytest.mark.timeout(900)

@@ -202,12 +202,15 @@ def encode_prompt_with_text_encoder(pretrained: str, prompt: str, device: torch.
 
 
 def load_backbone(cfg: ModelConfig, scale: int = 4, device: torch.device | str = "cpu", seed: int = 0,
-                  train_dtype: bool = False) -> SRBackbone:
+                  train_dtype: bool = False, transformer_on_cpu: bool = False) -> SRBackbone:
     """The model of `cfg`: a diffusers checkpoint folder or hub id, or the tiny model.
 
     `train_dtype=True` keeps the transformer in float32 (master weights; compute runs under
-    autocast in `cfg.dtype`); otherwise the transformer is cast to `cfg.dtype`. The VAE runs in
-    `cfg.dtype` except float16 (its activations overflow there; it then runs in float32).
+    autocast in `cfg.dtype`); otherwise the transformer is loaded in `cfg.dtype` (so is it when
+    DeepSpeed bf16 holds the float32 master copy in its optimizer). The VAE runs in `cfg.dtype`
+    except float16 (its activations overflow there; it then runs in float32).
+    `transformer_on_cpu=True` leaves the transformer in host memory (ZeRO-3 partitions it and places
+    each rank's partition on its device; the whole 20B model never lands on one GPU).
     """
     dtype = DTYPES[cfg.dtype]
     if cfg.pretrained is None:
@@ -222,7 +225,8 @@ def load_backbone(cfg: ModelConfig, scale: int = 4, device: torch.device | str =
                                     f"and {local}/vae/ (as written by save_pretrained or the hub layout)")
         src = str(local) if local.exists() else src
         try:
-            transformer = QwenImageTransformer2DModel.from_pretrained(src, subfolder="transformer")
+            transformer = QwenImageTransformer2DModel.from_pretrained(
+                src, subfolder="transformer", torch_dtype=torch.float32 if train_dtype else dtype)
             vae = AutoencoderKLQwenImage.from_pretrained(src, subfolder="vae")
         except OSError as e:
             raise FileNotFoundError(
@@ -242,7 +246,14 @@ def load_backbone(cfg: ModelConfig, scale: int = 4, device: torch.device | str =
     _set_attention_backend(model.transformer, cfg.attention_backend)
     if cfg.gradient_checkpointing:
         model.transformer.enable_gradient_checkpointing()
-    model.to(device)
+    if transformer_on_cpu:
+        for name, child in model.named_children():
+            if name != "transformer":
+                child.to(device)
+        for name, buf in list(model.named_buffers(recurse=False)):
+            setattr(model, name, buf.to(device))
+    else:
+        model.to(device)
     _cast(model.transformer, torch.float32 if train_dtype else dtype)
     _cast(model.vae, torch.float32 if dtype == torch.float16 else dtype)
     return model

@@ -35,6 +35,12 @@ def use_deepspeed(cfg: DeepSpeedConfig) -> bool:
     return cfg.enabled == "on" or (cfg.enabled == "auto" and launched_world() > 1)
 
 
+def deepspeed_bf16(cfg: DeepSpeedConfig, model_dtype: str, device: torch.device) -> bool:
+    """Whether DeepSpeed runs the module in bf16 (float32 master weights in its optimizer)."""
+    return use_deepspeed(cfg) and (cfg.bf16 == "on" or (cfg.bf16 == "auto" and model_dtype == "bf16"
+                                                         and device.type == "cuda"))
+
+
 def _merge(base: dict, extra: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in extra.items():
@@ -96,7 +102,7 @@ class Trainer:
         if self.deepspeed:
             import deepspeed
 
-            bf16 = ds.bf16 == "on" or (ds.bf16 == "auto" and model_dtype == "bf16" and device.type == "cuda")
+            bf16 = deepspeed_bf16(ds, model_dtype, device)
             self.ds_config = deepspeed_config(ds, optim, micro_batch, grad_accum, dist.world, bf16)
             self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=self.opt, config=self.ds_config)
             log.info("DeepSpeed ZeRO-%d on %d rank(s): micro-batch %d x accum %d x world %d, bf16 %s%s",

@@ -66,7 +66,7 @@ from ..rewards import build_reward
 from ..runtime import checkpoint as ckpt
 from ..runtime import distributed
 from ..runtime.common import derive_seeds, memory_gib, rng_state, set_rng_state, start_run
-from ..runtime.engine import Trainer
+from ..runtime.engine import Trainer, deepspeed_bf16, use_deepspeed
 from ..runtime.faults import maybe_fail
 from ..runtime.logger import StepLogger
 from .sft import Degrader
@@ -101,7 +101,11 @@ class RLStage:
         self.dist, self.device, self.run_dir = start_run(job, job.deepspeed)
         d = self.dist
         self.autocast_dtype = DTYPES[job.model.dtype]
-        self.model: SRBackbone = load_backbone(job.model, job.data.scale, self.device, job.run.seed, train_dtype=True)
+        ds = job.deepspeed
+        zero3 = use_deepspeed(ds) and ds.zero_stage == 3
+        self.model: SRBackbone = load_backbone(job.model, job.data.scale, self.device, job.run.seed,
+                                               train_dtype=not deepspeed_bf16(ds, job.model.dtype, self.device),
+                                               transformer_on_cpu=zero3)
         self.policy = PolicyAdapters(self.model.transformer, job.lora, init_from=rl.init_lora)
         if job.lora.fused:
             use_fused_lora(self.model.transformer)

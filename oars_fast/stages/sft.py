@@ -58,7 +58,7 @@ from ..models.sampler import _autocast, per_sample_noise, sample_sr
 from ..runtime import checkpoint as ckpt
 from ..runtime import distributed
 from ..runtime.common import EMA, derive_seeds, memory_gib, rng_state, set_rng_state, start_run
-from ..runtime.engine import Trainer
+from ..runtime.engine import Trainer, deepspeed_bf16, use_deepspeed
 from ..runtime.faults import maybe_fail
 from ..runtime.logger import StepLogger
 
@@ -105,7 +105,11 @@ class SFTStage:
                               "sharded too and LoRA merging needs it whole); choose zero_stage 0, 1 or 2")
         self.dist, self.device, self.run_dir = start_run(job, job.deepspeed)
         self.autocast_dtype = DTYPES[job.model.dtype]
-        self.model: SRBackbone = load_backbone(job.model, job.data.scale, self.device, job.run.seed, train_dtype=True)
+        ds = job.deepspeed
+        zero3 = use_deepspeed(ds) and ds.zero_stage == 3
+        self.model: SRBackbone = load_backbone(job.model, job.data.scale, self.device, job.run.seed,
+                                               train_dtype=not deepspeed_bf16(ds, job.model.dtype, self.device),
+                                               transformer_on_cpu=zero3)
         tr = self.model.transformer
         if job.sft.train == "lora":
             tr.requires_grad_(False)
