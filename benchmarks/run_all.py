@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from . import bench_lora_linear, bench_nft_loss, bench_rewards, degradation
+from . import bench_lora_linear, bench_nft_loss, bench_rewards, degradation, loaders
 from .harness import RESULTS
 
 
@@ -20,6 +20,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     degradation.main([])
+    loaders.main(["--out", str(args.out)])
     if not torch.cuda.is_available():
         print("kernel benchmarks skipped: no GPU here (they run on a GPU: benchmarks/gpu_check.sh)")
         return

@@ -22,3 +22,11 @@ def test_rl_iteration_script_runs(tmp_path, monkeypatch):
     rl_iteration.main(["--smoke", "--iters", "1", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "w")])
     rows = list(csv.DictReader(open(tmp_path / "out" / "rl_iteration.csv")))
     assert [r["provider"] for r in rows] == ["ours", "reference"] and all(float(r["ms"]) > 0 for r in rows)
+
+
+def test_loader_benchmark_runs(tmp_path):
+    from benchmarks import loaders
+
+    res = loaders.main(["--smoke", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "out")])
+    rows = list(csv.DictReader(open(tmp_path / "out" / "loaders.csv")))
+    assert {r["loader"] for r in rows} == set(res) and "torch" in res and all(v > 0 for v in res.values())
