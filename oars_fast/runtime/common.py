@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import random
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -122,21 +121,3 @@ def start_run(job, ds_cfg=None):
         save_config(job, run_dir / "config.yaml")
     barrier()
     return dist, device, run_dir
-
-
-def loop_state(step: int, opt, sched, loader, generators: dict[str, torch.Generator], **extra) -> dict:
-    """What a training loop needs to continue exactly: step, optimizer, schedule, data position, RNGs."""
-    return {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "loader": loader.state_dict(), "generators": {k: g.get_state() for k, g in generators.items()},
-            "rng": rng_state(), **extra}
-
-
-def restore_loop_state(state: dict, opt, sched, loader, generators: dict[str, torch.Generator]) -> int:
-    """Inverse of :func:`loop_state`; returns the step."""
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    loader.load_state_dict(state["loader"])
-    for k, g in generators.items():
-        g.set_state(state["generators"][k])
-    set_rng_state(state["rng"])
-    return int(state["step"])
