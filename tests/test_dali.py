@@ -88,6 +88,26 @@ def test_bad_files_are_skipped_and_counted(tmp_path, caplog):
     assert "skipped" in caplog.text
 
 
+def test_files_dali_cannot_decode_are_skipped_mid_epoch(tmp_path):
+    """JPEGs whose header is fine but whose data is not: the pipeline fails, the file is found, skipped,
+    and the loader goes on (no crash, every later batch made of good files)."""
+    d = tmp_path / "hr"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(d / f"{i}.jpg", quality=90)
+    data = (d / "3.jpg").read_bytes()
+    (d / "3.jpg").write_bytes(data[: len(data) // 2])  # truncated: DALI names the file in its error
+    data = (d / "4.jpg").read_bytes()
+    (d / "4.jpg").write_bytes(data[:200] + b"\0" * 50 + data[250:])  # corrupt markers: DALI does not name it
+    cfg = _cfg(source="hr", hr_dir=str(d), crop_size=32)
+    loader = build_loader(build_dataset(cfg, 0), cfg, 2, 0)
+    it = iter(loader)
+    paths = [p for _ in range(6) for p in next(it)["path"]]
+    assert loader.skipped_files == {str(d / "3.jpg"), str(d / "4.jpg")}
+    assert not any(p.endswith(("3.jpg", "4.jpg")) for p in paths)
+
+
 def test_resume_continues_with_the_same_batches(tmp_path, image_dir):
     cfg = _cfg(source="hr", hr_dir=str(image_dir), crop_size=32)
     ds = build_dataset(cfg, 7)

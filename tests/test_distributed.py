@@ -87,6 +87,9 @@ def test_deepspeed_engine_in_one_process(tmp_path, demo_cache):
     for s in one:
         assert got[s] == pytest.approx(one[s], rel=1e-5)
     assert (tmp_path / "ds" / "checkpoints" / "step_000002" / "deepspeed").is_dir()
+    res = launch(1, sft_args(tmp_path, demo_cache, "ds", "sft.steps=2", "deepspeed.enabled=off", "run.resume=true"),
+                 check=False)
+    assert res.returncode != 0 and "was written by DeepSpeed" in res.stderr
 
 
 @pytest.mark.timeout(900)

@@ -10,7 +10,10 @@ The loader keeps the torch loader's contract (:class:`~oars_fast.data.datasets.S
   depend on the loader), ``path``, ``skipped``;
 * unusable files (unreadable, or smaller than the crop with ``small_image=skip``) are found by a
   header check before an epoch's pipeline is built, skipped, counted once and named in the log, and
-  replaced by the next usable file, as the torch loader does.
+  replaced by the next usable file, as the torch loader does; a file that passes the header check but
+  fails in DALI's decoder (a truncated or corrupt JPEG) stops the pipeline, is identified (from
+  DALI's message, else by decoding the pending files one at a time), marked unusable, and the
+  pipeline is rebuilt from the same batch.
 
 Per epoch, one DALI pipeline is built from this rank's file list: ``fn.readers.file`` (the list in
 order, no reader shuffling: the order is the permutation's), ``fn.decoders.image`` (``device="mixed"``
@@ -58,6 +61,24 @@ def _header_size(path) -> tuple[int, int] | None:
             return im.size
     except Exception:  # noqa: BLE001  (any PIL failure means: unusable)
         return None
+
+
+def _dali_decodes(path: str) -> bool:
+    """Whether DALI's CPU decoder reads `path` (a one-file pipeline; used only after a failure)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def one():
+        data, _ = fn.readers.file(files=[path])
+        return fn.decoders.image(data, device="cpu", output_type=types.RGB)
+
+    try:
+        pipe = one()
+        pipe.build()
+        pipe.run()
+        return True
+    except Exception:  # noqa: BLE001
+        return False
 
 
 class DALILoader(ShardedLoader):
@@ -153,24 +174,49 @@ class DALILoader(ShardedLoader):
                 order = [i for b in resolved for i, _ in b]
                 files = [[str(self._path(i, k)) for i in order] for k in range(len(self.keys))]
                 plans = [np.array(self.dataset.plan(i, *self._sizes[i]), dtype=np.int32) for i in order]
-                pipe = self._pipeline(files, plans)
-                pipe.build()
-                it = DALIGenericIterator(pipe, list(self.keys), reader_name=f"reader_{self.keys[0]}",
-                                         last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
-                for b, (out,) in zip(resolved, it):
-                    self.state.batch += 1
-                    skipped = [p for _, sk in b for p in sk]
-                    new = sorted(set(skipped) - self.skipped_files)
-                    if new:
-                        self.skipped_files.update(new)
-                        log.warning("skipped %d unusable file(s), replaced by the next readable one: %s "
-                                    "(unusable so far: %d)", len(new), ", ".join(new[:5]), self.skipped_total)
-                    batch = {k: out[k].float().div_(255) for k in self.keys}
-                    idx = [i for i, _ in b]
-                    batch["index"] = torch.tensor(idx)
-                    batch["seed"] = torch.tensor([self.dataset.sample_seed(i) for i in idx], dtype=torch.int64)
-                    batch["path"] = [str(self.dataset._name(i)) for i in idx]
-                    batch["skipped"] = skipped
-                    yield batch
-                del it, pipe
+                start = self.state.batch
+                try:
+                    pipe = self._pipeline(files, plans)
+                    pipe.build()
+                    it = DALIGenericIterator(pipe, list(self.keys), reader_name=f"reader_{self.keys[0]}",
+                                             last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
+                    yield from self._batches(resolved, it)
+                except Exception as e:  # noqa: BLE001  (DALI raises a plain RuntimeError for a decode failure)
+                    done = self.state.batch - start
+                    self._mark_undecodable(e, resolved[done:done + 3])  # the failing batch is among the next 3
+                    continue  # rebuild the pipeline from the current batch, without the file
             self.state = LoaderState(epoch=epoch + 1, batch=0)
+
+    def _mark_undecodable(self, error: Exception, batches: list[list[tuple[int, list[str]]]]) -> None:
+        """A file passed the header check but DALI could not decode it (e.g. a truncated JPEG): find it
+        (named in DALI's message, else by decoding each file of `batches` alone with DALI), mark it
+        unusable; re-raise the error if no file is to blame."""
+        pending = [i for b in batches for i, _ in b]
+        paths = {i: [str(self._path(i, k)) for k in range(len(self.keys))] for i in pending}
+        msg = str(error)
+        bad = [i for i in pending if any(f in msg for f in paths[i])]
+        if not bad:
+            bad = [i for i in pending if not all(_dali_decodes(f) for f in paths[i])]
+        if not bad:
+            raise error
+        for i in sorted(set(bad)):  # a replacement file can stand in twice
+            self._usable[i] = False
+            log.warning("DALI could not decode %s: skipped from now on", self.dataset._name(i))
+
+    def _batches(self, resolved, it) -> Iterator[dict]:
+        """The batches of one pipeline, as dicts like the torch loader's."""
+        for b, (out,) in zip(resolved, it):
+            self.state.batch += 1
+            skipped = [p for _, sk in b for p in sk]
+            new = sorted(set(skipped) - self.skipped_files)
+            if new:
+                self.skipped_files.update(new)
+                log.warning("skipped %d unusable file(s), replaced by the next readable one: %s "
+                            "(unusable so far: %d)", len(new), ", ".join(new[:5]), self.skipped_total)
+            batch = {k: out[k].float().div_(255) for k in self.keys}
+            idx = [i for i, _ in b]
+            batch["index"] = torch.tensor(idx)
+            batch["seed"] = torch.tensor([self.dataset.sample_seed(i) for i in idx], dtype=torch.int64)
+            batch["path"] = [str(self.dataset._name(i)) for i in idx]
+            batch["skipped"] = skipped
+            yield batch

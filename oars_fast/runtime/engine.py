@@ -206,6 +206,10 @@ class Trainer:
     def load(self, folder: Path, state: dict) -> None:
         self.sched.load_state_dict(state["scheduler"])
         if self.engine is None:
+            if "optimizer" not in state:
+                raise RuntimeError(f"checkpoint {folder} was written by DeepSpeed (optimizer state in its shards): "
+                                   f"resume it with the DeepSpeed engine on the same number of ranks "
+                                   f"(deepspeed.enabled=on or the launcher)")
             self.opt.load_state_dict(state["optimizer"])
             return
         if not (folder / "deepspeed").is_dir():
