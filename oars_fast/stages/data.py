@@ -11,7 +11,7 @@ import time
 import torch
 
 from ..config import DataJob, save_config
-from ..data.datasets import ShardedLoader, build_dataset
+from ..data.datasets import build_dataset, build_loader
 from ..data.degrade import RealESRGANDegradation
 from ..data.images import make_grid, save_image
 
@@ -22,18 +22,19 @@ def run(job: DataJob, max_batches: int = 8) -> int:
     run_dir = job.run.run_dir
     save_config(job, run_dir / "config.yaml")
     ds = build_dataset(job.data, job.run.seed)
-    loader = ShardedLoader(ds, job.data.batch_size, job.run.seed, num_workers=job.data.num_workers)
+    loader = build_loader(ds, job.data, job.data.batch_size, job.run.seed)
     deg = RealESRGANDegradation(job.degradation, job.data.scale)
     gen = torch.Generator().manual_seed(job.run.seed)
     n = min(max_batches, loader.batches_per_epoch())
     t0 = time.perf_counter()
     first = None
     for i, batch in zip(range(n), loader):
+        batch = {k: v.cpu() if torch.is_tensor(v) else v for k, v in batch.items()}  # DALI on a GPU: CUDA
         if "hr" in batch and "lr" not in batch:
             batch["lr"] = deg(batch["hr"], generator=gen)
         first = first or batch
     dt = time.perf_counter() - t0
-    print(f"data: source={job.data.source} files={len(ds)} batches_read={n} batch={job.data.batch_size} "
+    print(f"data: source={job.data.source} loader={type(loader).__name__} files={len(ds)} batches_read={n} batch={job.data.batch_size} "
           f"skipped={loader.skipped_total} time={dt:.2f}s ({n * job.data.batch_size / max(dt, 1e-9):.1f} samples/s)")
     rows = [[im for im in (first.get("lr", [None] * 99)[i], first.get("hr", [None] * 99)[i]) if im is not None]
             for i in range(min(4, len(first["path"])))]
