@@ -163,17 +163,20 @@ class Trainer:
             yield
 
     def full_state(self, named: dict[str, torch.nn.Parameter] | None = None) -> dict[str, torch.Tensor]:
-        """float32 CPU copies of whole parameters (ZeRO-3: gathered one at a time; all ranks call)."""
+        """CPU copies of whole parameters in their training dtype (float32 master weights; bf16 under
+        DeepSpeed bf16, whose float32 copy lives in its shards). ZeRO-3: gathered one tensor at a time,
+        every rank calls, rank 0 alone keeps them (the others get {})."""
         named = self.params if named is None else named
         out = {}
         for k, p in named.items():
             with self.gathered([p]):
-                out[k] = p.detach().float().cpu().clone().contiguous()
+                if self.dist.main or not self.zero3:
+                    out[k] = p.detach().cpu().clone().contiguous()
         return out
 
     def full_from_partitions(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Whole float32 CPU tensors from per-rank partitions laid out like ZeRO-3's ``ds_tensor`` (e.g. the
-        EMA shadow): all-gathered one tensor at a time; all ranks call."""
+        EMA shadow): all-gathered one tensor at a time; all ranks call, rank 0 alone keeps them."""
         import torch.distributed as tdist
 
         out = {}
@@ -181,7 +184,8 @@ class Trainer:
             p = self.params[k]
             pieces = [torch.empty_like(part) for _ in range(tdist.get_world_size())]
             tdist.all_gather(pieces, part.contiguous())
-            out[k] = torch.cat(pieces)[:p.ds_numel].view(p.ds_shape).float().cpu()
+            if self.dist.main:
+                out[k] = torch.cat(pieces)[:p.ds_numel].view(p.ds_shape).float().cpu()
         return out
 
     def local_tensor(self, p: torch.nn.Parameter) -> torch.Tensor:

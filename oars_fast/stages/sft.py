@@ -221,7 +221,8 @@ class SFTStage:
             self.trainer.backward(loss / accum, last=a == accum - 1)
             t_fwd += time.perf_counter() - tf
             total += float(loss.detach()) / accum
-        total = float(distributed.all_reduce(torch.tensor([total], dtype=torch.float64))) / self.dist.world
+        total = float(distributed.all_reduce(torch.tensor([total], dtype=torch.float64, device=self.device)))
+        total /= self.dist.world
         lr_now = self.trainer.lr
         grad_norm, stepped = self.trainer.step()
         skipped = not (stepped and math.isfinite(total))
@@ -280,7 +281,7 @@ class SFTStage:
 
     def save_checkpoint(self) -> Path:
         """Every rank calls: DeepSpeed shards + per-rank RNG/EMA; rank 0: consolidated weights + state."""
-        weights = self.trainer.full_state()  # ZeRO-3: gathered (collective); float32 on CPU
+        weights = self.trainer.full_state()  # ZeRO-3: gathered (collective), kept on rank 0
         zero3_ema = self.ema is not None and self.trainer.zero3
         state = {"step": self.step, **self.trainer.state_dict(), "loader": self.loader.state_dict(),
                  "pool_generator": self.gen_pool.get_state(), "losses": self.losses, "world": self.dist.world,
@@ -335,10 +336,10 @@ class SFTStage:
         tr = self.model.transformer
         backup = None
         state = None  # None: the module itself holds the weights to save
-        if self.trainer.zero3:  # whole tensors from the partitions (EMA shadow or parameters)
-            state = self.trainer.full_state(dict(tr.named_parameters()))
-            if self.ema is not None:
-                state.update(self.trainer.full_from_partitions(self.ema.shadow))
+        if self.trainer.zero3:  # whole tensors on rank 0: EMA shadow partitions, else the parameters
+            ema = self.ema.shadow if self.ema is not None else {}
+            state = self.trainer.full_from_partitions(ema)
+            state.update(self.trainer.full_state({k: p for k, p in tr.named_parameters() if k not in ema}))
             state.update({k: b.detach().float().cpu() for k, b in tr.named_buffers()})
         elif self.ema is not None:  # EMA weights into the parameters for the export, restored after
             backup = {k: p.detach().clone() for k, p in self.params.items()}
