@@ -9,18 +9,7 @@
 # The package is not pip-installed: a copy with kernels/ placed as oars_fast/kernels goes to /tmp.
 set -uo pipefail
 OUT_DIR=${1:-${OUT:-benchmarks/results}}
-mkdir -p "$OUT_DIR"
-OUT_DIR=$(cd "$OUT_DIR" && pwd)
-export OARS_GIT_SHA=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-rm -rf /tmp/oars && mkdir -p /tmp/oars
-cp -r oars_fast tests benchmarks configs /tmp/oars/ && cp -r kernels /tmp/oars/oars_fast/kernels
-cd /tmp/oars
-export PYTHONPATH=/tmp/oars:$PYTHONPATH PYTHONUNBUFFERED=1
+source benchmarks/gpu_setup.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT_DIR/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT_DIR/gpu.txt"
 rc=0

@@ -9,17 +9,7 @@
 # loader alone there unless a DALI wheel is installed.
 set -uo pipefail
 OUT_DIR=${1:-${OUT:-benchmarks/results}}
-mkdir -p "$OUT_DIR"
-OUT_DIR=$(cd "$OUT_DIR" && pwd)
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-rm -rf /tmp/oars && mkdir -p /tmp/oars
-cp -r oars_fast tests benchmarks configs /tmp/oars/ && cp -r kernels /tmp/oars/oars_fast/kernels
-cd /tmp/oars
-export PYTHONPATH=/tmp/oars:$PYTHONPATH PYTHONUNBUFFERED=1
+source benchmarks/gpu_setup.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT_DIR/gpu_scaleout.txt"
 rc=0
 timeout 240 python3 -m pytest -q -x tests/test_gpu_deepspeed.py 2>&1 | tee "$OUT_DIR/gpu_scaleout_tests.log" || rc=1
