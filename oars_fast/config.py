@@ -66,6 +66,14 @@ def _check_probs(obj: Any, name: str, n: int) -> None:
         raise ConfigError(f"{type(obj).__name__}.{name}={value!r} must be {n} non-negative probabilities summing to 1")
 
 
+def launched_world() -> int:
+    """Processes started by the launcher (``WORLD_SIZE``; 1 when run plainly): batch sizes are checked
+    against it when a job is loaded, so a bad split is a config error before anything starts."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def per_rank(global_size: int, world_size: int, grad_accum: int = 1, name: str = "batch_size") -> int:
     """Per-rank micro-batch from a global batch: ``global = micro * grad_accum * world_size``."""
     denom = world_size * grad_accum
@@ -491,7 +499,7 @@ class SFTJob:
         if self.data.source == "lq":
             raise ConfigError("SFT needs ground truth: data.source='lq' is not valid here; choose one of "
                               "['demo', 'hr', 'paired']")
-        per_rank(self.data.batch_size, 1, self.optim.grad_accum, "data.batch_size")
+        per_rank(self.data.batch_size, launched_world(), self.optim.grad_accum, "data.batch_size")
 
 
 @dataclass
@@ -517,6 +525,7 @@ class RLJob:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     def __post_init__(self) -> None:
+        per_rank(self.rl.inputs_per_iter, launched_world(), 1, "rl.inputs_per_iter")
         if self.deepspeed.zero_stage == 3:
             raise ConfigError("deepspeed.zero_stage=3 is not valid for RL: the LoRA, its EMA (old policy) and the "
                               "adapter switching need whole parameters on every rank; choose one of [0, 1, 2]")

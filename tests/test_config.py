@@ -97,3 +97,14 @@ def test_resolved_yaml_is_plain(tmp_path):
     save_config(DataJob(), tmp_path / "c.yaml")
     data = yaml.safe_load((tmp_path / "c.yaml").read_text())
     assert data["data"]["source"] == "demo" and data["degradation"]["jpeg_range"] == [30.0, 95.0]
+
+
+def test_batch_split_is_checked_against_the_launched_world(monkeypatch):
+    from oars_fast.config import RLJob, SFTJob
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match="data.batch_size=6 .*world_size\\*grad_accum=4\\*1"):
+        load_config(SFTJob, None, ["data.batch_size=6"])
+    with pytest.raises(ConfigError, match="rl.inputs_per_iter=2"):
+        load_config(RLJob, None, ["rl.inputs_per_iter=2"])
+    assert load_config(SFTJob, None, ["data.batch_size=8"]).data.batch_size == 8

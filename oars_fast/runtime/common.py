@@ -106,18 +106,25 @@ def memory_gib(device: torch.device) -> float:
 
 
 def start_run(job, ds_cfg=None):
-    """The opening of every training stage: process group, device, seeds (each rank its own global RNG
-    stream; shared randomness is seeded per sample), run folder and resolved config (rank 0).
-    Returns (Dist, device, run_dir)."""
+    """The opening of every training stage: process group, device, the shared seed (model and LoRA
+    initialisation; :func:`seed_rank` gives each rank its own stream once set-up is done), run folder
+    and resolved config (rank 0). Returns (Dist, device, run_dir)."""
     from ..config import save_config
     from .distributed import barrier, init
     from .engine import use_deepspeed
 
     dist, device = init(job.run.device, need_group=ds_cfg is not None and use_deepspeed(ds_cfg))
-    seed_everything(job.run.seed + 1000 * dist.rank)
+    seed_everything(job.run.seed)  # the same on every rank: model and LoRA initialisation agree
     run_dir = job.run.run_dir
     if dist.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(job, run_dir / "config.yaml")
     barrier()
     return dist, device, run_dir
+
+
+def seed_rank(seed: int, dist) -> None:
+    """After set-up: each rank its own global RNG stream (with one process the stream is left as it is).
+    What must agree across ranks (data, degradation, t, noise, rollout seeds) is seeded per sample."""
+    if dist.world > 1:
+        seed_everything(seed + 1000 * dist.rank)

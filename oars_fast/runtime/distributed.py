@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..config import launched_world
+
 log = logging.getLogger(__name__)
 
 
@@ -30,11 +32,6 @@ class Dist:
     def main(self) -> bool:
         """Rank 0: the only rank that writes logs, grids, reports and checkpoint metadata."""
         return self.rank == 0
-
-
-def launched_world() -> int:
-    """Number of processes the launcher started (1 when run plainly)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _free_port() -> int:

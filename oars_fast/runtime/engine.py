@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, DeepSpeedConfig, OptimizerConfig
+from ..config import ConfigError, DeepSpeedConfig, OptimizerConfig, launched_world
 from .common import build_optimizer
-from .distributed import Dist, launched_world
+from .distributed import Dist
 
 log = logging.getLogger(__name__)
 

@@ -65,7 +65,7 @@ from ..models.sampler import _autocast, euler_sample, per_sample_noise, sde_step
 from ..rewards import build_reward
 from ..runtime import checkpoint as ckpt
 from ..runtime import distributed
-from ..runtime.common import derive_seeds, memory_gib, rng_state, set_rng_state, start_run
+from ..runtime.common import derive_seeds, memory_gib, rng_state, seed_rank, set_rng_state, start_run
 from ..runtime.engine import Trainer, deepspeed_bf16, use_deepspeed
 from ..runtime.faults import maybe_fail
 from ..runtime.logger import StepLogger
@@ -121,6 +121,7 @@ class RLStage:
         self.degrade = Degrader(job)
         self.logger = StepLogger(self.run_dir, "rl", enabled=d.main)
         self.eval_set = self._eval_set()
+        seed_rank(job.run.seed, self.dist)  # before a resume, which restores each rank's own RNG
         if job.run.resume:
             self._resume()
         self._iter = iter(self.loader)

@@ -57,7 +57,7 @@ from ..models.lora import add_lora, merged_state_dict, save_lora, use_fused_lora
 from ..models.sampler import _autocast, per_sample_noise, sample_sr
 from ..runtime import checkpoint as ckpt
 from ..runtime import distributed
-from ..runtime.common import EMA, derive_seeds, memory_gib, rng_state, set_rng_state, start_run
+from ..runtime.common import EMA, derive_seeds, memory_gib, rng_state, seed_rank, set_rng_state, start_run
 from ..runtime.engine import Trainer, deepspeed_bf16, use_deepspeed
 from ..runtime.faults import maybe_fail
 from ..runtime.logger import StepLogger
@@ -133,6 +133,7 @@ class SFTStage:
         self.logger = StepLogger(self.run_dir, "sft", enabled=d.main)
         self.probe = self._probe_batch()
         self.pool = self._latent_pool(job.sft.latent_pool) if job.sft.latent_pool else None
+        seed_rank(job.run.seed, self.dist)  # before a resume, which restores each rank's own RNG
         if job.run.resume:
             self._resume()
         self._iter = iter(self.loader)
