@@ -94,9 +94,11 @@ def test_deepspeed_engine_in_one_process(tmp_path, demo_cache):
 
 @pytest.mark.timeout(900)
 def test_sft_accumulation_over_ranks(tmp_path, demo_cache):
-    """Global batch 4 = micro 1 x accumulation 2 x 2 ranks, ZeRO-2, vs one process with micro 2 x 2."""
+    """Global batch 4 = micro 1 x accumulation 2 x 2 ranks, ZeRO-2 with the optimizer offloaded to the
+    CPU (ZeRO-Offload), vs one process with micro 2 x 2."""
     launch(1, sft_args(tmp_path, demo_cache, "one", "optim.grad_accum=2", "sft.steps=3"))
-    launch(2, sft_args(tmp_path, demo_cache, "acc", "optim.grad_accum=2", "sft.steps=3"))
+    launch(2, sft_args(tmp_path, demo_cache, "acc", "optim.grad_accum=2", "sft.steps=3",
+                       "deepspeed.offload_optimizer=true"))
     one, got = losses(tmp_path / "one", "sft"), losses(tmp_path / "acc", "sft")
     assert sorted(got) == sorted(one) == [1, 2, 3]
     for s in one:
