@@ -129,3 +129,18 @@ def test_falls_back_to_torch_loader_when_dali_is_missing(tmp_path, image_dir, mo
     with caplog.at_level(logging.WARNING):
         loader = build_loader(build_dataset(cfg, 0), cfg, 2, 0)
     assert type(loader) is ShardedLoader and "using the torch loader instead" in caplog.text
+
+
+def test_small_images_are_padded_or_skipped(tmp_path):
+    d = tmp_path / "hr"
+    write_image(d / "big.png", 48, 48, seed=1)
+    write_image(d / "small.png", 20, 24, seed=2)
+    cfg = _cfg(source="hr", hr_dir=str(d), crop_size=32, flip=False)
+    b = next(iter(build_loader(build_dataset(cfg, 0), cfg, 2, 0)))
+    assert b["hr"].shape == (2, 3, 32, 32)
+    small = b["hr"][[p.endswith("small.png") for p in b["path"]].index(True)]
+    assert float(small[:, 20:, :].abs().max()) == 0.0  # zero padding below the 20-row image (documented)
+    skip = _cfg(source="hr", hr_dir=str(d), crop_size=32, small_image="skip")
+    loader = build_loader(build_dataset(skip, 0), skip, 2, 0)
+    assert all(p.endswith("big.png") for p in next(iter(loader))["path"])
+    assert loader.skipped_files == {str(d / "small.png")}

@@ -152,8 +152,9 @@ class DALILoader(ShardedLoader):
                 img = fn.decoders.image(data, device="mixed" if gpu else "cpu", output_type=types.RGB)
                 f = s if (key == "hr" and self.keys[0] == "lr") else 1  # HR offset = scale x LR offset
                 side = c if key == "hr" else c // s
-                img = fn.slice(img, fn.stack(ys * f, xs * f), types.Constant([side, side], dtype=types.INT32),
-                               axes=[0, 1], out_of_bounds_policy="pad", fill_values=0)
+                # start/shape as argument inputs: host-side values, valid for a GPU (mixed-decoded) image too
+                img = fn.slice(img, start=fn.stack(ys * f, xs * f), shape=[side, side], axes=[0, 1],
+                               out_of_bounds_policy="pad", fill_values=0)
                 img = fn.flip(img, horizontal=hflip, vertical=vflip)
                 outs.append(fn.transpose(img, perm=[2, 0, 1]))
             return tuple(outs)
