@@ -91,3 +91,19 @@ class BrightnessReward:
 
 def brightness_reward_factory(device):
     return BrightnessReward()
+
+
+class SaturatingReward:
+    """Groups whose LR is bright get a constant 0.95 (saturated: dropped by the filter), the others the
+    SR's mean intensity: which groups survive depends on the data, so ranks keep unequal numbers of rows."""
+
+    name = "saturating"
+
+    def __call__(self, lr, sr, gt=None, group_index=None):
+        bright = lr.float().mean((1, 2, 3)) > 0.45
+        s = torch.where(bright, torch.full_like(bright, 0.95, dtype=torch.float32), sr.float().mean((1, 2, 3)))
+        return s, {}
+
+
+def saturating_reward_factory(device):
+    return SaturatingReward()

@@ -7,6 +7,8 @@ averaged vs one batch mean) differ by ~1e-7 relative per step; after a few AdamW
 agree to rel 1e-4.
 """
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,3 +146,22 @@ def test_rl_zero2_matches_one_process(tmp_path, demo_cache, objective):
         # Adam normalises each gradient element: where one is ~0, 1e-7 noise moves it by up to ~lr; 1e-4 is
         # 1% of one step at lr 1e-2
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.timeout(900)
+def test_rl_unequal_kept_rows_across_ranks(tmp_path, demo_cache):
+    """Saturated groups dropped on one rank and not the other: the rank with fewer kept micro-batches
+    runs zero-weight passes (every rank joins every reduction), and the steps still equal one process's."""
+    tests_dir = str(Path(__file__).parent)
+    env = {"PYTHONPATH": tests_dir + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    extra = ["rl.mode=nr", "reward.name=custom", "reward.custom=conftest:saturating_reward_factory",
+             "rl.filter_mean=0.9", "rl.global_std=false", "rl.iterations=4"]
+    launch(1, rl_args(tmp_path, demo_cache, "one", *extra), env)
+    launch(2, rl_args(tmp_path, demo_cache, "z2", *extra), env)
+    dropped = losses(tmp_path / "one", "rl", "groups_dropped")
+    assert any(0 < v < 4 for v in dropped.values()), dropped  # some groups dropped, not all
+    for key in ("loss", "grad_norm", "kept"):
+        one, got = losses(tmp_path / "one", "rl", key), losses(tmp_path / "z2", "rl", key)
+        assert sorted(got) == sorted(one), key
+        for s in one:
+            assert got[s] == pytest.approx(one[s], rel=2e-4, abs=1e-6), (key, s, got[s], one[s])

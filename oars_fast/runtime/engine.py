@@ -132,9 +132,9 @@ class Trainer:
         else:
             self.engine.set_gradient_accumulation_boundary(True)
             self.engine.step()
-            norm = self.engine.get_global_grad_norm()
-            grad_norm = float(norm) if norm is not None else float("nan")
-            stepped = not math.isinf(grad_norm) and not (norm is not None and math.isnan(grad_norm))
+            norm = self.engine.get_global_grad_norm()  # inf after DeepSpeed skipped a non-finite step
+            grad_norm = float(norm) if norm is not None else float("nan")  # None: ZeRO-0 does not report it
+            stepped = norm is None or math.isfinite(grad_norm)
         self.sched.step()
         return grad_norm, stepped
 
@@ -150,16 +150,15 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def gathered(self, params: list[torch.nn.Parameter] | None = None, modify: bool = False):
-        """Whole parameters inside the block (ZeRO-3 gathers them; otherwise nothing to do).
-        Every rank must enter it. `modify`: writes inside the block are scattered back."""
+    def gathered(self, params: list[torch.nn.Parameter]):
+        """Whole parameters (read-only) inside the block: ZeRO-3 gathers them, every rank must enter it;
+        otherwise nothing to do."""
         if not self.zero3:
             yield
             return
         import deepspeed
 
-        params = list(self.params.values()) if params is None else params
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None):
+        with deepspeed.zero.GatheredParameters(params):
             yield
 
     def full_state(self, named: dict[str, torch.nn.Parameter] | None = None) -> dict[str, torch.Tensor]:

@@ -292,8 +292,7 @@ class RLStage:
         scores = distributed.interleave(local_scores.float().view(-1, k)).flatten()
         r_all, keep_all = group_advantages(scores, k, rl.adv_clip, 1e-4, rl.global_std, rl.filter_mean,
                                            rl.filter_std)
-        mine = lambda x: x.view(-1, d.world, k)[:, d.rank].flatten()  # noqa: E731
-        r, keep = mine(r_all), mine(keep_all)
+        r, keep = (x.view(-1, d.world, k)[:, d.rank].flatten() for x in (r_all, keep_all))  # this rank's groups
         idx = keep.nonzero().flatten()
         # 4. update (current adapter)
         stats: dict = {}
