@@ -20,6 +20,7 @@ import contextlib
 import copy
 import logging
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -135,14 +136,20 @@ class Trainer:
             norm = self.engine.get_global_grad_norm()  # inf after DeepSpeed skipped a non-finite step
             grad_norm = float(norm) if norm is not None else float("nan")  # None: ZeRO-0 does not report it
             stepped = norm is None or math.isfinite(grad_norm)
-        self.sched.step()
+        self._advance_schedule()
         return grad_norm, stepped
 
     def skip(self) -> None:
         """No update this step (nothing was back-propagated); the schedule still advances."""
         if self.engine is None:
             self.opt.zero_grad(set_to_none=True)
-        self.sched.step()
+        self._advance_schedule()
+
+    def _advance_schedule(self) -> None:
+        # a skipped step advances the schedule on purpose (the step count is what it follows)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+            self.sched.step()
 
     @property
     def lr(self) -> float:
