@@ -20,6 +20,7 @@ import contextlib
 import copy
 import logging
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -148,7 +149,7 @@ class Trainer:
     def _advance_schedule(self) -> None:
         # a skipped step advances the schedule on purpose (the step count is what it follows)
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
             self.sched.step()
 
     @property
