@@ -1,7 +1,8 @@
 """Data-loader throughput: the torch loader (PIL decode in worker processes) vs DALI (decode, crop and
 flip in its pipeline; ``device="mixed"`` nvJPEG on a GPU, CPU otherwise), same files, same crops.
 
-    python -m benchmarks.loaders [--images 48] [--crop 256] [--batch 16] [--workers 2] [--batches 30] [--smoke]
+    python -m benchmarks.loaders [--images 48] [--crop 256] [--batch 16] [--workers 2] [--batches 30]
+                                 [--device cuda|cpu] [--smoke]
 
 The files are the bundled demo photos written once as JPEG (quality 95) under ``--work``. Each
 loader first yields two warm-up batches (worker / pipeline start-up), then ``--batches`` batches
@@ -41,7 +42,8 @@ def make_files(work: Path, n: int) -> Path:
     return out
 
 
-def throughput(loader, batches: int) -> float:
+def throughput(loader, batches: int, device: torch.device) -> float:
+    """Images/s delivered on `device` (the torch loader's batches are copied there, as training does)."""
     it = iter(loader)
     for _ in range(2):  # warm-up: workers / pipeline start, first decode
         next(it)
@@ -49,8 +51,9 @@ def throughput(loader, batches: int) -> float:
     n = 0
     for _ in range(batches):
         b = next(it)
-        n += len(b["index"])
-        if b["hr"].is_cuda:
+        hr = b["hr"].to(device, non_blocking=True)
+        n += len(hr)
+        if hr.is_cuda:
             torch.cuda.synchronize()
     return n / (time.perf_counter() - t0)
 
@@ -64,6 +67,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--batches", type=int, default=30)
     ap.add_argument("--work", type=Path, default=Path("runs/bench_loaders"))
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="where batches are delivered (DALI decodes there with nvJPEG on a GPU)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (a script check; not a result)")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -72,14 +77,15 @@ def main(argv=None) -> dict:
     cfg = DataConfig(source="hr", hr_dir=str(folder), crop_size=args.crop, num_workers=args.workers, loader="dali")
     ds = build_dataset(cfg, seed=0)
     loaders = {"torch": ShardedLoader(ds, args.batch, 0, num_workers=args.workers)}
-    dali = build_loader(ds, cfg, args.batch, 0)
+    device = torch.device(args.device)
+    dali = build_loader(ds, cfg, args.batch, 0, device=device)
     if type(dali) is not ShardedLoader:  # build_loader fell back when DALI is missing
         loaders["dali"] = dali
-    result = {name: throughput(ld, args.batches) for name, ld in loaders.items()}
+    result = {name: throughput(ld, args.batches, device) for name, ld in loaders.items()}
     rows = []
     for name, ips in result.items():
         print(f"loader {name:5s}: {ips:7.1f} images/s  ({args.batch} x {args.crop}px crops of {args.images} JPEG "
-              f"photos, {args.workers} workers/threads, {device_name()})")
+              f"photos, {args.workers} workers/threads, delivered on {device}, {device_name()})")
         rows.append({"device": device_name(), "git_sha": git_sha(), "loader": name, "images_per_s": f"{ips:.2f}",
                      "batch": args.batch, "crop": args.crop, "workers": args.workers,
                      "note": "smoke" if args.smoke else ""})

@@ -88,9 +88,7 @@ class DALILoader(ShardedLoader):
                  num_threads: int = 2, device_id: int | None = None):
         super().__init__(dataset, micro_batch, seed, rank, world)
         self.num_threads = num_threads
-        if device_id is None and torch.cuda.is_available():
-            device_id = torch.cuda.current_device()
-        self.device_id = device_id
+        self.device_id = device_id  # a GPU: nvJPEG decode and GPU outputs; None: CPU pipeline
         self._usable: dict[int, bool] = {}
         self._sizes: dict[int, tuple[int, int]] = {}
         kind = type(dataset).__name__

@@ -302,14 +302,18 @@ class ShardedLoader:
 
 
 def build_loader(dataset: _CropDataset, cfg: DataConfig, micro_batch: int, seed: int, rank: int = 0,
-                 world: int = 1):
-    """The loader named by ``cfg.loader``: :class:`ShardedLoader` (torch) or the DALI pipeline, which
-    falls back to the torch loader, saying why, when DALI is not installed or cannot read the source."""
+                 world: int = 1, device: torch.device | str | None = None):
+    """The loader named by ``cfg.loader``: :class:`ShardedLoader` (torch) or the DALI pipeline (decoding
+    on `device` when it is a GPU, on the CPU otherwise), which falls back to the torch loader, saying
+    why, when DALI is not installed."""
     if cfg.loader == "dali":
         from .dali import DALILoader, dali_unavailable
 
         why = dali_unavailable(cfg)
         if why is None:
-            return DALILoader(dataset, micro_batch, seed, rank, world, num_threads=max(1, cfg.num_workers))
+            device = torch.device(device) if device is not None else torch.device("cpu")
+            gpu = device.index if device.index is not None else 0
+            return DALILoader(dataset, micro_batch, seed, rank, world, num_threads=max(1, cfg.num_workers),
+                              device_id=gpu if device.type == "cuda" else None)
         log.warning("data.loader=dali: %s; using the torch loader instead", why)
     return ShardedLoader(dataset, micro_batch, seed, rank, world, num_workers=cfg.num_workers)

@@ -14,6 +14,7 @@ from ..config import DataJob, save_config
 from ..data.datasets import build_dataset, build_loader
 from ..data.degrade import RealESRGANDegradation
 from ..data.images import make_grid, save_image
+from ..runtime.common import pick_device
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ def run(job: DataJob, max_batches: int = 8) -> int:
     run_dir = job.run.run_dir
     save_config(job, run_dir / "config.yaml")
     ds = build_dataset(job.data, job.run.seed)
-    loader = build_loader(ds, job.data, job.data.batch_size, job.run.seed)
+    loader = build_loader(ds, job.data, job.data.batch_size, job.run.seed, device=pick_device(job.run.device))
     deg = RealESRGANDegradation(job.degradation, job.data.scale)
     gen = torch.Generator().manual_seed(job.run.seed)
     n = min(max_batches, loader.batches_per_epoch())

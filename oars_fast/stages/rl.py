@@ -117,7 +117,8 @@ class RLStage:
         log.info("rl: mode %s, objective %s, reward %s, K=%d, %d-step rollouts, %d group(s) x %d rank(s)", rl.mode,
                  rl.objective, self.reward_fn.name, rl.group_size, rl.rollout_steps, self.groups, d.world)
         self.dataset = build_dataset(job.data, job.run.seed)
-        self.loader = build_loader(self.dataset, job.data, self.groups, job.run.seed, d.rank, d.world)
+        self.loader = build_loader(self.dataset, job.data, self.groups, job.run.seed, d.rank, d.world,
+                                   self.device)
         self.degrade = Degrader(job)
         self.logger = StepLogger(self.run_dir, "rl", enabled=d.main)
         self.eval_set = self._eval_set()

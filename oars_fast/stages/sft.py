@@ -126,7 +126,8 @@ class SFTStage:
                                job.optim.grad_accum, job.model.dtype)
         self.ema = EMA(self._local_params(), job.sft.ema_decay) if job.sft.ema_decay > 0 else None
         self.dataset = build_dataset(job.data, job.run.seed)
-        self.loader = build_loader(self.dataset, job.data, self.micro, job.run.seed, d.rank, d.world)
+        self.loader = build_loader(self.dataset, job.data, self.micro, job.run.seed, d.rank, d.world,
+                                   self.device)
         self.degrade = Degrader(job)
         # the latent pool's draws are shared by all ranks (each takes its positions of the global batch)
         self.gen_pool = torch.Generator().manual_seed(job.run.seed + 2)
