@@ -106,6 +106,10 @@ class Trainer:
 
             bf16 = deepspeed_bf16(ds, model_dtype, device)
             self.ds_config = deepspeed_config(ds, optim, micro_batch, grad_accum, dist.world, bf16)
+            if ds.zero_stage == 3 and not any(hasattr(p, "ds_id") for p in module.parameters()):
+                # partition now, one tensor at a time (host -> device -> this rank's shard); otherwise the
+                # engine would first move the whole module onto every GPU
+                deepspeed.zero.Init(module=module, config_dict_or_path=self.ds_config)
             self.engine, _, _, _ = deepspeed.initialize(model=module, optimizer=self.opt, config=self.ds_config)
             log.info("DeepSpeed ZeRO-%d on %d rank(s): micro-batch %d x accum %d x world %d, bf16 %s%s",
                      ds.zero_stage, dist.world, micro_batch, grad_accum, dist.world, bf16,
