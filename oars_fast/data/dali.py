@@ -147,7 +147,9 @@ class DALILoader(ShardedLoader):
             ys, xs, hflip, vflip = plan[0], plan[1], plan[2], plan[3]
             outs = []
             for key, data in zip(self.keys, encoded):
-                img = fn.decoders.image(data, device="mixed" if gpu else "cpu", output_type=types.RGB)
+                # EXIF orientation is not applied, as in the torch loader (and the header sizes the crops use)
+                img = fn.decoders.image(data, device="mixed" if gpu else "cpu", output_type=types.RGB,
+                                        adjust_orientation=False)
                 f = s if (key == "hr" and self.keys[0] == "lr") else 1  # HR offset = scale x LR offset
                 side = c if key == "hr" else c // s
                 # start/shape as argument inputs: host-side values, valid for a GPU (mixed-decoded) image too
