@@ -144,3 +144,15 @@ def test_small_images_are_padded_or_skipped(tmp_path):
     loader = build_loader(build_dataset(skip, 0), skip, 2, 0)
     assert all(p.endswith("big.png") for p in next(iter(loader))["path"])
     assert loader.skipped_files == {str(d / "small.png")}
+
+
+def test_pipelines_per_chunk_give_the_same_batches(tmp_path, image_dir):
+    cfg = _cfg(source="hr", hr_dir=str(image_dir), crop_size=32)
+    ds = build_dataset(cfg, 5)
+    whole = iter(build_loader(ds, cfg, 2, 5))
+    from oars_fast.data.dali import DALILoader
+
+    chunked = iter(DALILoader(ds, 2, 5, num_threads=1, chunk=2))  # 3 batches an epoch: pipelines of 2 and 1
+    for _ in range(7):
+        a, b = next(whole), next(chunked)
+        assert torch.equal(a["hr"], b["hr"]) and torch.equal(a["index"], b["index"])

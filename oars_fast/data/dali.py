@@ -15,8 +15,8 @@ The loader keeps the torch loader's contract (:class:`~oars_fast.data.datasets.S
   DALI's message, else by decoding the pending files one at a time), marked unusable, and the
   pipeline is rebuilt from the same batch.
 
-Per epoch, one DALI pipeline is built from this rank's file list: ``fn.readers.file`` (the list in
-order, no reader shuffling: the order is the permutation's), ``fn.decoders.image`` (``device="mixed"``
+For each chunk of up to ``chunk`` (256) batches of an epoch, one DALI pipeline is built from this rank's file
+list: ``fn.readers.file`` (the list in order, no reader shuffling: the order is the permutation's), ``fn.decoders.image`` (``device="mixed"``
 on a GPU: nvJPEG; ``"cpu"`` otherwise), crops whose LR and HR windows are aligned exactly (integer
 LR offset, HR offset = scale x LR offset), flips applied alike, and the output through the DALI
 PyTorch iterator (on the GPU when decoding there). The crop offsets and flips are the data set's
@@ -85,9 +85,9 @@ class DALILoader(ShardedLoader):
     """Endless, resumable iterator of per-rank batches decoded by DALI (see the module docstring)."""
 
     def __init__(self, dataset: _CropDataset, micro_batch: int, seed: int, rank: int = 0, world: int = 1,
-                 num_threads: int = 2, device_id: int | None = None):
+                 num_threads: int = 2, device_id: int | None = None, chunk: int = 256):
         super().__init__(dataset, micro_batch, seed, rank, world)
-        self.num_threads = num_threads
+        self.num_threads, self.chunk = num_threads, chunk  # chunk: batches per pipeline
         self.device_id = device_id  # a GPU: nvJPEG decode and GPU outputs; None: CPU pipeline
         self._usable: dict[int, bool] = {}
         self._sizes: dict[int, tuple[int, int]] = {}
@@ -170,23 +170,26 @@ class DALILoader(ShardedLoader):
             epoch = self.state.epoch
             self.dataset.set_epoch(epoch)
             batches = self._epoch_batches(epoch)[self.state.batch:]
-            if batches:
-                resolved = [[self._resolve(i) for i in b] for b in batches]
-                order = [i for b in resolved for i, _ in b]
-                files = [[str(self._path(i, k)) for i in order] for k in range(len(self.keys))]
-                plans = [np.array(self.dataset.plan(i, *self._sizes[i]), dtype=np.int32) for i in order]
-                start = self.state.batch
-                try:
-                    pipe = self._pipeline(files, plans)
-                    pipe.build()
-                    it = DALIGenericIterator(pipe, list(self.keys), reader_name=f"reader_{self.keys[0]}",
-                                             last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
-                    yield from self._batches(resolved, it)
-                except Exception as e:  # noqa: BLE001  (DALI raises a plain RuntimeError for a decode failure)
-                    done = self.state.batch - start
-                    self._mark_undecodable(e, resolved[done:done + 3])  # the failing batch is among the next 3
-                    continue  # rebuild the pipeline from the current batch, without the file
-            self.state = LoaderState(epoch=epoch + 1, batch=0)
+            if not batches:
+                self.state = LoaderState(epoch=epoch + 1, batch=0)
+                continue
+            # one pipeline per chunk of batches: the header checks of a chunk, not of a whole epoch,
+            # stand between a start (or resume) and the first batch
+            resolved = [[self._resolve(i) for i in b] for b in batches[:self.chunk]]
+            order = [i for b in resolved for i, _ in b]
+            files = [[str(self._path(i, k)) for i in order] for k in range(len(self.keys))]
+            plans = [np.array(self.dataset.plan(i, *self._sizes[i]), dtype=np.int32) for i in order]
+            start = self.state.batch
+            try:
+                pipe = self._pipeline(files, plans)
+                pipe.build()
+                it = DALIGenericIterator(pipe, list(self.keys), reader_name=f"reader_{self.keys[0]}",
+                                         last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
+                yield from self._batches(resolved, it)
+            except Exception as e:  # noqa: BLE001  (DALI raises a plain RuntimeError for a decode failure)
+                done = self.state.batch - start
+                self._mark_undecodable(e, resolved[done:done + 3])  # the failing batch is among the next 3
+                # the loop rebuilds the pipeline from the current batch, without the file
 
     def _mark_undecodable(self, error: Exception, batches: list[list[tuple[int, list[str]]]]) -> None:
         """A file passed the header check but DALI could not decode it (e.g. a truncated JPEG): find it
