@@ -112,3 +112,16 @@ def test_custom_reward_from_config(tmp_path, policy_base, demo_cache):
     stats = st.train_iteration()
     st.cleanup()
     assert "reward_part/lr_l1" in stats
+
+
+def test_bf16_base_keeps_float32_lora_master_weights(tmp_path, policy_base, demo_cache):
+    """model.dtype=bf16: the frozen base is stored in bf16 (half the memory of a float32 copy), the LoRA
+    (current and old) in float32; compute under bf16 autocast; one iteration gives finite numbers."""
+    st = RLStage(_job(tmp_path, policy_base, demo_cache, "model.dtype=bf16", "rl.iterations=1")).setup()
+    tr = st.model.transformer
+    assert {p.dtype for n, p in tr.named_parameters() if "lora_" not in n} == {torch.bfloat16}
+    assert {p.dtype for n, p in tr.named_parameters() if "lora_" in n} == {torch.float32}
+    stats = st.train_iteration()
+    st.cleanup()
+    assert torch.isfinite(torch.tensor([stats["loss"], stats["grad_norm"], stats["reward"]])).all()
+    assert stats["grad_norm"] > 0

@@ -14,12 +14,17 @@ from ..config import LoRAConfig
 
 
 def add_lora(transformer: nn.Module, cfg: LoRAConfig, adapter_name: str = "default") -> None:
-    """Attach a LoRA adapter (rank, alpha, target modules from `cfg`); only its weights train."""
+    """Attach a LoRA adapter (rank, alpha, target modules from `cfg`); only its weights train, kept in
+    float32 (a bf16 base stays bf16: compute runs under autocast)."""
     from peft import LoraConfig
 
     transformer.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.target_modules),
                                        lora_dropout=cfg.dropout, init_lora_weights=True),
                             adapter_name=adapter_name)
+    for _, layer in lora_layers(transformer):  # float32 master weights, whatever the base's dtype
+        for weights in (layer.lora_A, layer.lora_B):
+            if adapter_name in weights:
+                weights[adapter_name].float()
 
 
 def lora_layers(module: nn.Module):

@@ -218,6 +218,47 @@ class Trainer:
             self.engine.save_checkpoint(str(folder), tag="deepspeed", save_latest=False,
                                         exclude_frozen_parameters=True)
 
+    def save_checkpoint(self, root: Path, step: int, weights: dict[str, torch.Tensor], weights_file: str,
+                        state: dict, keep: int, rank_extra: dict | None = None) -> Path:
+        """A stage's checkpoint; every rank calls. Rank 0 writes `weights` (consolidated) and `state` (plus
+        the optimizer side and the world size); every rank its DeepSpeed shards and ``rank_K.pt`` (its RNG
+        state and `rank_extra`)."""
+        from safetensors.torch import save_file
+
+        from . import checkpoint as ckpt
+        from .common import rng_state
+
+        state = {**state, **self.state_dict(), "world": self.dist.world}
+
+        def every_rank(folder: Path) -> None:
+            self.save(folder)
+            torch.save({"rng": rng_state(), **(rank_extra or {})}, ckpt.rank_file(folder, self.dist.rank))
+
+        return ckpt.save_checkpoint(root, step, lambda f: save_file(weights, str(f / weights_file)), state,
+                                    keep=keep, dist=self.dist, write_every_rank=every_rank)
+
+    def open_checkpoint(self, root: Path, weights_file: str) -> tuple[Path, dict, dict] | None:
+        """The newest complete checkpoint under `root` for a resume: (folder, state, this rank's extra state),
+        with the optimizer side and this rank's RNG restored; None (and a warning) when there is none."""
+        from . import checkpoint as ckpt
+        from .common import set_rng_state
+
+        folder = ckpt.latest_checkpoint(root)
+        if folder is None:
+            log.warning("resume asked but no complete checkpoint in %s: starting fresh", root)
+            return None
+        state = ckpt.load_state(folder)
+        if self.deepspeed and state.get("world") != self.dist.world:
+            raise RuntimeError(f"checkpoint {folder} was written by {state.get('world')} rank(s), this run has "
+                               f"{self.dist.world}: DeepSpeed shards resume on the same world size (the "
+                               f"consolidated {weights_file} holds the weights for a fresh start)")
+        self.load(folder, state)
+        mine = ckpt.rank_file(folder, self.dist.rank)
+        extra = torch.load(mine, map_location="cpu", weights_only=False) if mine.is_file() else {}
+        if "rng" in extra:
+            set_rng_state(extra["rng"])
+        return folder, state, extra
+
     def load(self, folder: Path, state: dict) -> None:
         self.sched.load_state_dict(state["scheduler"])
         if self.engine is None:

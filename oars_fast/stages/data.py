@@ -35,7 +35,8 @@ def run(job: DataJob, max_batches: int = 8) -> int:
             batch["lr"] = deg(batch["hr"], generator=gen)
         first = first or batch
     dt = time.perf_counter() - t0
-    print(f"data: source={job.data.source} loader={type(loader).__name__} files={len(ds)} batches_read={n} batch={job.data.batch_size} "
+    print(f"data: source={job.data.source} loader={type(loader).__name__} files={len(ds)} batches_read={n} "
+          f"batch={job.data.batch_size} "
           f"skipped={loader.skipped_total} time={dt:.2f}s ({n * job.data.batch_size / max(dt, 1e-9):.1f} samples/s)")
     rows = [[im for im in (first.get("lr", [None] * 99)[i], first.get("hr", [None] * 99)[i]) if im is not None]
             for i in range(min(4, len(first["path"])))]

@@ -30,7 +30,8 @@ Gaussian transitions up to a per-step constant).
 Launch:
 
 * 1 CPU (tiny model):  ``oars-fast rl --config configs/demo/rl_fr.yaml``
-* 1 GPU:               ``oars-fast rl --config configs/qwen_image_edit/rl_fr.yaml``
+* 1 GPU:               ``oars-fast rl --config configs/qwen_image_edit/rl_fr.yaml rl.inputs_per_iter=1``
+  (the frozen base in bf16, the LoRA in float32)
 * N GPUs:              ``deepspeed --num_gpus 8 --module oars_fast.cli rl --config configs/qwen_image_edit/rl_fr.yaml``
 
 Scale-out (DeepSpeed ZeRO-2; ZeRO-3 is refused: the LoRA, its EMA and the adapter switching need whole
@@ -53,7 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..config import RLJob, per_rank
 from ..data.datasets import ShardedLoader, build_dataset, build_loader
@@ -63,10 +64,9 @@ from ..models.backbone import DTYPES, SRBackbone, load_backbone
 from ..models.lora import PolicyAdapters, save_lora, use_fused_lora
 from ..models.sampler import _autocast, euler_sample, per_sample_noise, sde_step, sigma_schedule
 from ..rewards import build_reward
-from ..runtime import checkpoint as ckpt
 from ..runtime import distributed
-from ..runtime.common import derive_seeds, memory_gib, rng_state, seed_rank, set_rng_state, start_run
-from ..runtime.engine import Trainer, deepspeed_bf16, use_deepspeed
+from ..runtime.common import derive_seeds, memory_gib, seed_rank, start_run
+from ..runtime.engine import Trainer
 from ..runtime.faults import maybe_fail
 from ..runtime.logger import StepLogger
 from .sft import Degrader
@@ -101,11 +101,8 @@ class RLStage:
         self.dist, self.device, self.run_dir = start_run(job, job.deepspeed)
         d = self.dist
         self.autocast_dtype = DTYPES[job.model.dtype]
-        ds = job.deepspeed
-        zero3 = use_deepspeed(ds) and ds.zero_stage == 3
-        self.model: SRBackbone = load_backbone(job.model, job.data.scale, self.device, job.run.seed,
-                                               train_dtype=not deepspeed_bf16(ds, job.model.dtype, self.device),
-                                               transformer_on_cpu=zero3)
+        # the base is frozen: kept in model.dtype; the LoRA weights are float32 (add_lora)
+        self.model: SRBackbone = load_backbone(job.model, job.data.scale, self.device, job.run.seed)
         self.policy = PolicyAdapters(self.model.transformer, job.lora, init_from=rl.init_lora)
         if job.lora.fused:
             use_fused_lora(self.model.transformer)
@@ -370,28 +367,15 @@ class RLStage:
         """Every rank calls: DeepSpeed shards + per-rank RNG; rank 0: both adapters (current and old)."""
         tr = self.model.transformer
         lora_state = {k: v.detach().float().cpu().contiguous() for k, v in tr.state_dict().items() if "lora_" in k}
-        state = {"step": self.step, **self.trainer.state_dict(), "loader": self.loader.state_dict(),
-                 "history": self.history, "world": self.dist.world}
-
-        def every_rank(folder: Path) -> None:
-            self.trainer.save(folder)
-            torch.save({"rng": rng_state()}, ckpt.rank_file(folder, self.dist.rank))
-
-        return ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step,
-                                    lambda f: save_file(lora_state, str(f / "adapters.safetensors")), state,
-                                    keep=self.job.rl.keep_checkpoints, dist=self.dist, write_every_rank=every_rank)
+        state = {"step": self.step, "loader": self.loader.state_dict(), "history": self.history}
+        return self.trainer.save_checkpoint(self.run_dir / "checkpoints", self.step, lora_state,
+                                            "adapters.safetensors", state, self.job.rl.keep_checkpoints)
 
     def _resume(self) -> None:
-        folder = ckpt.latest_checkpoint(self.run_dir / "checkpoints")
-        if folder is None:
-            log.warning("resume asked but no complete checkpoint in %s: starting fresh", self.run_dir / "checkpoints")
+        opened = self.trainer.open_checkpoint(self.run_dir / "checkpoints", "adapters.safetensors")
+        if opened is None:
             return
-        state = ckpt.load_state(folder)
-        if self.trainer.deepspeed and state.get("world") != self.dist.world:
-            raise RuntimeError(f"checkpoint {folder} was written by {state.get('world')} rank(s), this run has "
-                               f"{self.dist.world}: DeepSpeed shards resume on the same world size "
-                               f"(adapters.safetensors holds the LoRA for a fresh start: rl.init_lora)")
-        self.trainer.load(folder, state)
+        folder, state, _ = opened
         weights = load_file(str(folder / "adapters.safetensors"))  # current and old adapter
         own = {k: v for k, v in self.model.transformer.state_dict(keep_vars=True).items() if "lora_" in k}
         if set(own) != set(weights):
@@ -401,9 +385,6 @@ class RLStage:
                 p.copy_(weights[k].to(p.device, p.dtype))
         self.step = int(state["step"])
         self.loader.load_state_dict(state["loader"])
-        mine = ckpt.rank_file(folder, self.dist.rank)
-        if mine.is_file():
-            set_rng_state(torch.load(mine, map_location="cpu", weights_only=False)["rng"])
         self.history = list(state.get("history", []))
         log.info("resumed from %s (iteration %d)", folder, self.step)
 

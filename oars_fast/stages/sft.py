@@ -24,15 +24,18 @@ writes its DeepSpeed shards into the checkpoint. With ZeRO-3 the EMA is kept per
 rank's parameter partition and gathered only for the export.
 
 Outputs in ``runs/<name>/``: ``config.yaml``, ``logs/sft.jsonl`` + TensorBoard, ``samples/`` (LR | SR
-| HR grids), ``checkpoints/step_N/`` (trainable weights as safetensors + training state, written
-atomically), and at the end ``model/``: a diffusers-loadable folder (EMA weights when enabled,
-LoRA merged in LoRA mode, the adapter alone also in ``model/lora/`` in peft's layout). ``--resume`` continues from the newest complete checkpoint with the
-RNG, data position, optimizer, schedule and EMA restored (the same losses as an uninterrupted run).
+| HR grids), ``checkpoints/step_N/`` (trainable weights as safetensors, DeepSpeed shards, training
+state, written atomically), and at the end ``model/``: a diffusers-loadable folder (EMA weights when
+enabled, LoRA merged in LoRA mode, the adapter alone also in ``model/lora/`` in peft's layout).
+``--resume`` continues from the newest complete checkpoint with the RNG, data position, optimizer,
+schedule and EMA restored (the same losses as an uninterrupted run).
 
 Launch:
 
 * 1 CPU (tiny model):  ``oars-fast sft --config configs/demo/sft.yaml``
-* 1 GPU:               ``oars-fast sft --config configs/qwen_image_edit/sft.yaml``
+* 1 GPU:               ``oars-fast sft --config configs/qwen_image_edit/sft.yaml deepspeed.enabled=on
+  deepspeed.offload_optimizer=true deepspeed.offload_param=true data.batch_size=8 optim.grad_accum=1``
+  (20B parameters with AdamW state do not fit one GPU without ZeRO-3 offload)
 * N GPUs:              ``deepspeed --num_gpus 8 --module oars_fast.cli sft --config configs/qwen_image_edit/sft.yaml``
 * N nodes:             the same with ``--hostfile HOSTS`` (the run folder must be on a shared file system)
 """
@@ -45,7 +48,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..config import ConfigError, SFTJob, per_rank
 from ..data.datasets import ShardedLoader, build_dataset, build_loader
@@ -55,9 +58,8 @@ from ..models.backbone import DTYPES, SRBackbone, load_backbone
 from ..models.flow import flow_matching_loss, sample_timesteps
 from ..models.lora import add_lora, merged_state_dict, save_lora, use_fused_lora
 from ..models.sampler import _autocast, per_sample_noise, sample_sr
-from ..runtime import checkpoint as ckpt
 from ..runtime import distributed
-from ..runtime.common import EMA, derive_seeds, memory_gib, rng_state, seed_rank, set_rng_state, start_run
+from ..runtime.common import EMA, derive_seeds, memory_gib, seed_rank, start_run
 from ..runtime.engine import Trainer, deepspeed_bf16, use_deepspeed
 from ..runtime.faults import maybe_fail
 from ..runtime.logger import StepLogger
@@ -108,7 +110,10 @@ class SFTStage:
         ds = job.deepspeed
         zero3 = use_deepspeed(ds) and ds.zero_stage == 3
         self.model: SRBackbone = load_backbone(job.model, job.data.scale, self.device, job.run.seed,
-                                               train_dtype=not deepspeed_bf16(ds, job.model.dtype, self.device),
+                                               # float32 master weights unless DeepSpeed bf16 holds them or
+                                               # the transformer is a frozen LoRA base
+                                               train_dtype=job.sft.train == "full"
+                                               and not deepspeed_bf16(ds, job.model.dtype, self.device),
                                                transformer_on_cpu=zero3)
         tr = self.model.transformer
         if job.sft.train == "lora":
@@ -284,27 +289,20 @@ class SFTStage:
     def save_checkpoint(self) -> Path:
         """Every rank calls: DeepSpeed shards + per-rank RNG/EMA; rank 0: consolidated weights + state."""
         weights = self.trainer.full_state()  # ZeRO-3: gathered (collective), kept on rank 0
-        zero3_ema = self.ema is not None and self.trainer.zero3
-        state = {"step": self.step, **self.trainer.state_dict(), "loader": self.loader.state_dict(),
-                 "pool_generator": self.gen_pool.get_state(), "losses": self.losses, "world": self.dist.world,
+        zero3_ema = self.ema is not None and self.trainer.zero3  # the EMA is per rank (its partition)
+        state = {"step": self.step, "loader": self.loader.state_dict(), "pool_generator": self.gen_pool.get_state(),
+                 "losses": self.losses,
                  "ema": self.ema.state_dict() if self.ema is not None and not zero3_ema else None}
-
-        def every_rank(folder: Path) -> None:
-            self.trainer.save(folder)
-            torch.save({"rng": rng_state(), "ema": self.ema.state_dict() if zero3_ema else None},
-                       ckpt.rank_file(folder, self.dist.rank))
-
-        return ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step,
-                                    lambda d: save_file(weights, str(d / "trainable.safetensors")), state,
-                                    keep=self.job.sft.keep_checkpoints, dist=self.dist, write_every_rank=every_rank)
+        return self.trainer.save_checkpoint(self.run_dir / "checkpoints", self.step, weights, "trainable.safetensors",
+                                            state, self.job.sft.keep_checkpoints,
+                                            rank_extra={"ema": self.ema.state_dict() if zero3_ema else None})
 
     def _resume(self) -> None:
-        folder = ckpt.latest_checkpoint(self.run_dir / "checkpoints")
-        if folder is None:
-            log.warning("resume asked but no complete checkpoint in %s: starting fresh", self.run_dir / "checkpoints")
+        opened = self.trainer.open_checkpoint(self.run_dir / "checkpoints", "trainable.safetensors")
+        if opened is None:
             return
-        state = ckpt.load_state(folder)
-        if not self.trainer.deepspeed:  # DeepSpeed restores the module weights with its optimizer state
+        folder, state, mine = opened
+        if not self.trainer.deepspeed:  # DeepSpeed restored the module weights with its optimizer state
             weights = load_file(str(folder / "trainable.safetensors"))
             missing = set(self.params) - set(weights)
             if missing:
@@ -313,18 +311,9 @@ class SFTStage:
             with torch.no_grad():
                 for k, p in self.params.items():
                     p.copy_(weights[k].to(p.device, p.dtype))
-        elif state.get("world") != self.dist.world:
-            raise RuntimeError(f"checkpoint {folder} was written by {state.get('world')} rank(s), this run has "
-                               f"{self.dist.world}: DeepSpeed shards resume on the same world size (the "
-                               f"consolidated trainable.safetensors holds the weights for a fresh start)")
-        self.trainer.load(folder, state)
         self.step = int(state["step"])
         self.loader.load_state_dict(state["loader"])
         self.gen_pool.set_state(state["pool_generator"])
-        mine = torch.load(ckpt.rank_file(folder, self.dist.rank), map_location="cpu", weights_only=False) \
-            if ckpt.rank_file(folder, self.dist.rank).is_file() else {}
-        if "rng" in mine:
-            set_rng_state(mine["rng"])
         if self.ema is not None:
             ema_state = mine.get("ema") if self.trainer.zero3 else state.get("ema")
             if ema_state:
