@@ -500,6 +500,9 @@ class SFTJob:
             raise ConfigError("SFT needs ground truth: data.source='lq' is not valid here; choose one of "
                               "['demo', 'hr', 'paired']")
         per_rank(self.data.batch_size, launched_world(), self.optim.grad_accum, "data.batch_size")
+        if self.deepspeed.zero_stage == 3 and self.sft.train == "lora" and self.deepspeed.enabled != "off":
+            raise ConfigError("sft.train=lora with deepspeed.zero_stage=3 is not supported (the frozen base would be "
+                              "sharded too and LoRA merging needs it whole); choose one of [0, 1, 2]")
 
 
 @dataclass

@@ -43,6 +43,8 @@ def test_deepspeed_config_is_generated_and_checked():
     bad = load_config(SFTJob, None, ["deepspeed.overrides={train_batch_size: 96}"])
     with pytest.raises(ConfigError, match="train_batch_size=96"):
         deepspeed_config(bad.deepspeed, bad.optim, 4, 2, 8, bf16=False)
+    with pytest.raises(ConfigError, match="sft.train=lora with deepspeed.zero_stage=3"):
+        load_config(SFTJob, None, ["sft.train=lora", "deepspeed.zero_stage=3"])
     with pytest.raises(ConfigError, match="zero_stage=3 is not valid for RL"):
         from oars_fast.config import RLJob
 

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from ..config import ConfigError, SFTJob, per_rank
+from ..config import SFTJob, per_rank
 from ..data.datasets import ShardedLoader, build_dataset, build_loader
 from ..data.degrade import RealESRGANDegradation
 from ..data.images import load_image, make_grid, save_image, scan_images
@@ -102,9 +102,6 @@ class SFTStage:
     # ------------------------------------------------------------------------------------------
     def setup(self) -> "SFTStage":
         job = self.job
-        if job.deepspeed.zero_stage == 3 and job.sft.train == "lora" and job.deepspeed.enabled != "off":
-            raise ConfigError("sft.train=lora with deepspeed.zero_stage=3 is not supported (the frozen base would be "
-                              "sharded too and LoRA merging needs it whole); choose zero_stage 0, 1 or 2")
         self.dist, self.device, self.run_dir = start_run(job, job.deepspeed)
         self.autocast_dtype = DTYPES[job.model.dtype]
         ds = job.deepspeed
