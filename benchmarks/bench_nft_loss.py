@@ -2,7 +2,7 @@
 torch.compile(reference), on latent batches of Qwen-Image's RL update (24 x 16 x 128 x 128 and
 larger), bf16 inputs, with the KL term (v_ref) as in the RL stage. GB/s counts the bytes the op
 must move (inputs read once per pass, the gradient written once); compare with the measured copy
-bandwidth printed first.
+bandwidth printed first. The policy term is weighted by the advantage clip (policy_weight = 5) as in the RL stage.
 
     python -m benchmarks.bench_nft_loss [--smoke] [--out DIR]
 """
@@ -28,9 +28,9 @@ def make_case(shape: tuple[int, ...], dtype, device) -> Case:
         r = torch.rand(b, generator=g, device=device)
         return (*vs, t, r)
 
-    ref = lambda th, old, tg, vr, t, r: nft_loss_ref(th, old, tg, t, r, 1.0, vr, 1e-4)  # noqa: E731
+    ref = lambda th, old, tg, vr, t, r: nft_loss_ref(th, old, tg, t, r, 1.0, vr, 1e-4, True, 5.0)  # noqa: E731
     providers = {
-        "ours": lambda th, old, tg, vr, t, r: nft_loss(th, old, tg, t, r, 1.0, vr, 1e-4),
+        "ours": lambda th, old, tg, vr, t, r: nft_loss(th, old, tg, t, r, 1.0, vr, 1e-4, True, 5.0),
         "eager": ref,
         "compile": torch.compile(ref),
     }

@@ -6,9 +6,13 @@ Per sample b over its D elements (``v_*`` (B, ...) any trailing shape; ``t``, ``
     e+ = t*(v+ - v_target)                      e- = t*(v- - v_target)   (x0-prediction errors)
     w+ = max(mean|e+|, 1e-5), w- likewise (adaptive; else 1; no gradient through w)
     pos = mean(e+^2)/w+    neg = mean(e-^2)/w-    kl = mean((v_theta - v_ref)^2)  (0 without v_ref)
-    loss = mean_b( (r*pos + (1-r)*neg)/beta + kl_weight*kl )
+    loss = mean_b( policy_weight*(r*pos + (1-r)*neg)/beta + kl_weight*kl )
 
-Gradient (v_theta only):  dL/dv_theta = 2/(B*D) * ( r*t*e+/w+ - (1-r)*t*e-/w- + kl_weight*(v_theta - v_ref) ).
+policy_weight scales the policy term before the KL is added (DiffusionNFT multiplies it by the advantage
+clip, adv_clip_max = 5); the default 1.0 is the unscaled loss.
+
+Gradient (v_theta only):
+    dL/dv_theta = 2/(B*D) * ( policy_weight*(r*t*e+/w+ - (1-r)*t*e-/w-) + kl_weight*(v_theta - v_ref) ).
 
 Forward: ``_nft_loss_fwd_kernel`` reads every input once and writes 5 fp32 partial sums per
 (sample, chunk); the loss is assembled from those (B x 5 numbers). Backward:
@@ -127,7 +131,7 @@ def nft_loss_forward(v_theta, v_old, v_target, t, v_ref, beta: float) -> torch.T
 
 
 def nft_loss_backward(grad_loss, v_theta, v_old, v_target, t, r, v_ref, sums, beta: float, kl_weight: float,
-                      adaptive: bool) -> torch.Tensor:
+                      adaptive: bool, policy_weight: float = 1.0) -> torch.Tensor:
     b = v_theta.shape[0]
     vth, vold, vtgt = _flat(v_theta, b), _flat(v_old, b), _flat(v_target, b)
     vref = _flat(v_ref, b) if v_ref is not None else vth
@@ -135,7 +139,8 @@ def nft_loss_backward(grad_loss, v_theta, v_old, v_target, t, r, v_ref, sums, be
     w_p, w_n = _weights(sums, d, adaptive)
     g = grad_loss.float() * 2.0 / (b * d)
     t32, r32 = t.float(), r.float()
-    coef = torch.stack([g * r32 * t32 / w_p, -g * (1 - r32) * t32 / w_n, (g * kl_weight).expand(b)], 1).contiguous()
+    gp = g * policy_weight
+    coef = torch.stack([gp * r32 * t32 / w_p, -gp * (1 - r32) * t32 / w_n, (g * kl_weight).expand(b)], 1).contiguous()
     grad = torch.empty_like(vth)
     chunk, n_chunks = _grid(d)
     _nft_loss_bwd_kernel[(b, n_chunks)](vth, vold, vtgt, vref, t32.contiguous(), coef, grad, d, chunk, float(beta),
@@ -150,11 +155,12 @@ def _weights(sums: torch.Tensor, d: int, adaptive: bool) -> tuple[torch.Tensor, 
     return (sums[:, 0] / d).clamp_min(W_MIN), (sums[:, 1] / d).clamp_min(W_MIN)
 
 
-def _loss_from_sums(sums, r, d: int, beta: float, kl_weight: float, adaptive: bool) -> torch.Tensor:
+def _loss_from_sums(sums, r, d: int, beta: float, kl_weight: float, adaptive: bool,
+                    policy_weight: float = 1.0) -> torch.Tensor:
     w_p, w_n = _weights(sums, d, adaptive)
     pos, neg, kl = sums[:, 2] / d / w_p, sums[:, 3] / d / w_n, sums[:, 4] / d
     r = r.float()
-    return ((r * pos + (1 - r) * neg) / beta + kl_weight * kl).mean()
+    return (policy_weight * (r * pos + (1 - r) * neg) / beta + kl_weight * kl).mean()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -164,34 +170,36 @@ def _loss_from_sums(sums, r, d: int, beta: float, kl_weight: float, adaptive: bo
 
 @torch.library.custom_op("oars_fast::nft_loss", mutates_args=())
 def _nft_loss_op(v_theta: torch.Tensor, v_old: torch.Tensor, v_target: torch.Tensor, t: torch.Tensor,
-                 r: torch.Tensor, v_ref: Optional[torch.Tensor], beta: float, kl_weight: float,
-                 adaptive: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                 r: torch.Tensor, v_ref: Optional[torch.Tensor], beta: float,  # noqa: UP045 (op schema)
+                 kl_weight: float, adaptive: bool, policy_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
     sums = nft_loss_forward(v_theta, v_old, v_target, t, v_ref, beta)
     d = v_theta[0].numel()
-    return _loss_from_sums(sums, r, d, beta, kl_weight, adaptive), sums
+    return _loss_from_sums(sums, r, d, beta, kl_weight, adaptive, policy_weight), sums
 
 
 @_nft_loss_op.register_fake
-def _(v_theta, v_old, v_target, t, r, v_ref, beta, kl_weight, adaptive):
+def _(v_theta, v_old, v_target, t, r, v_ref, beta, kl_weight, adaptive, policy_weight):
     return v_theta.new_empty((), dtype=torch.float32), v_theta.new_empty((v_theta.shape[0], 5), dtype=torch.float32)
 
 
 @torch.library.custom_op("oars_fast::nft_loss_backward", mutates_args=())
 def _nft_loss_bwd_op(grad_loss: torch.Tensor, v_theta: torch.Tensor, v_old: torch.Tensor, v_target: torch.Tensor,
-                     t: torch.Tensor, r: torch.Tensor, v_ref: Optional[torch.Tensor], sums: torch.Tensor,
-                     beta: float, kl_weight: float, adaptive: bool) -> torch.Tensor:
-    return nft_loss_backward(grad_loss, v_theta, v_old, v_target, t, r, v_ref, sums, beta, kl_weight, adaptive)
+                     t: torch.Tensor, r: torch.Tensor, v_ref: Optional[torch.Tensor],  # noqa: UP045 (op schema)
+                     sums: torch.Tensor, beta: float, kl_weight: float, adaptive: bool,
+                     policy_weight: float) -> torch.Tensor:
+    return nft_loss_backward(grad_loss, v_theta, v_old, v_target, t, r, v_ref, sums, beta, kl_weight, adaptive,
+                             policy_weight)
 
 
 @_nft_loss_bwd_op.register_fake
-def _(grad_loss, v_theta, v_old, v_target, t, r, v_ref, sums, beta, kl_weight, adaptive):
+def _(grad_loss, v_theta, v_old, v_target, t, r, v_ref, sums, beta, kl_weight, adaptive, policy_weight):
     return torch.empty_like(v_theta)
 
 
 def _setup_context(ctx, inputs, output):
-    v_theta, v_old, v_target, t, r, v_ref, beta, kl_weight, adaptive = inputs
+    v_theta, v_old, v_target, t, r, v_ref, beta, kl_weight, adaptive, policy_weight = inputs
     ctx.save_for_backward(v_theta, v_old, v_target, t, r, v_ref, output[1])
-    ctx.cfg = (beta, kl_weight, adaptive)
+    ctx.cfg = (beta, kl_weight, adaptive, policy_weight)
 
 
 def _backward(ctx, grad_loss, grad_sums):
@@ -199,7 +207,7 @@ def _backward(ctx, grad_loss, grad_sums):
     grad = None
     if ctx.needs_input_grad[0]:
         grad = _nft_loss_bwd_op(grad_loss, v_theta, v_old, v_target, t, r, v_ref, sums, *ctx.cfg)
-    return grad, None, None, None, None, None, None, None, None
+    return grad, None, None, None, None, None, None, None, None, None
 
 
 _nft_loss_op.register_autograd(_backward, setup_context=_setup_context)
@@ -221,8 +229,8 @@ def _check(v_theta, v_old, v_target, t, r, v_ref):
 
 
 def nft_loss_with_stats(v_theta, v_old, v_target, t, r, beta: float = 1.0, v_ref=None, kl_weight: float = 0.0,
-                        adaptive: bool = True) -> tuple[torch.Tensor, dict]:
-    """The loss and detached stats: pos, neg, kl (batch means), w_pos, w_neg (batch means)."""
+                        adaptive: bool = True, policy_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """The loss and detached stats: pos, neg, kl (batch means, unweighted), w_pos, w_neg (batch means)."""
     _check(v_theta, v_old, v_target, t, r, v_ref)
     if beta <= 0:
         raise ValueError(f"nft_loss: beta={beta} must be > 0")
@@ -230,24 +238,25 @@ def nft_loss_with_stats(v_theta, v_old, v_target, t, r, beta: float = 1.0, v_ref
     v_ref = v_ref.detach() if v_ref is not None else None
     if use_triton(v_theta, v_old, v_target):
         loss, sums = _nft_loss_op(v_theta, v_old, v_target, t.detach(), r.detach(), v_ref, float(beta),
-                                  float(kl_weight), bool(adaptive))
+                                  float(kl_weight), bool(adaptive), float(policy_weight))
         d = v_theta[0].numel()
         with torch.no_grad():
             w_p, w_n = _weights(sums, d, adaptive)
             stats = {"pos": (sums[:, 2] / d / w_p).mean(), "neg": (sums[:, 3] / d / w_n).mean(),
                      "kl": (sums[:, 4] / d).mean(), "w_pos": w_p.mean(), "w_neg": w_n.mean()}
         return loss, stats
-    return nft_loss_ref(v_theta, v_old, v_target, t, r, beta, v_ref, kl_weight, adaptive, return_stats=True)
+    return nft_loss_ref(v_theta, v_old, v_target, t, r, beta, v_ref, kl_weight, adaptive, policy_weight,
+                        return_stats=True)
 
 
 def nft_loss(v_theta, v_old, v_target, t, r, beta: float = 1.0, v_ref=None, kl_weight: float = 0.0,
-             adaptive: bool = True) -> torch.Tensor:
+             adaptive: bool = True, policy_weight: float = 1.0) -> torch.Tensor:
     """DiffusionNFT loss (scalar, fp32). Gradient flows to `v_theta` only. See the module docstring."""
-    return nft_loss_with_stats(v_theta, v_old, v_target, t, r, beta, v_ref, kl_weight, adaptive)[0]
+    return nft_loss_with_stats(v_theta, v_old, v_target, t, r, beta, v_ref, kl_weight, adaptive, policy_weight)[0]
 
 
 def nft_loss_ref(v_theta, v_old, v_target, t, r, beta: float = 1.0, v_ref=None, kl_weight: float = 0.0,
-                 adaptive: bool = True, return_stats: bool = False):
+                 adaptive: bool = True, policy_weight: float = 1.0, return_stats: bool = False):
     """Pure-torch reference (fp32 math; autograd gives the gradient)."""
     b = v_theta.shape[0]
     th = v_theta.float().reshape(b, -1)
@@ -263,7 +272,7 @@ def nft_loss_ref(v_theta, v_old, v_target, t, r, beta: float = 1.0, v_ref=None, 
     pos, neg = ep.pow(2).mean(1) / w_p, en.pow(2).mean(1) / w_n
     kl = (th - v_ref.detach().float().reshape(b, -1)).pow(2).mean(1) if v_ref is not None else th.new_zeros(b)
     rr = r.detach().float()
-    loss = ((rr * pos + (1 - rr) * neg) / beta + kl_weight * kl).mean()
+    loss = (policy_weight * (rr * pos + (1 - rr) * neg) / beta + kl_weight * kl).mean()
     if not return_stats:
         return loss
     stats = {"pos": pos.detach().mean(), "neg": neg.detach().mean(), "kl": kl.detach().mean(),

@@ -34,35 +34,107 @@ def _grads(fn, inputs):
 
 
 # ------------------------------------------------------------------------------------------------
-LORA_SHAPES = [  # (leading dims of x, in, out, rank)
+LORA_SHAPES = [  # (leading dims of x, in, out, rank): primes, smaller than one tile, leading dims
     ((1,), 1, 1, 1), ((7,), 13, 5, 3), ((37,), 53, 29, 5), ((2, 65), 64, 130, 16), ((3, 5, 11), 97, 33, 33),
     ((131,), 70, 67, 32),
 ]
+# shapes whose rows are 16-byte aligned in fp16 and fp32 (the TMA path applies); M, N, K still off the tiles
+LORA_TMA_SHAPES = [((3, 37), 64, 72, 8), ((5, 29), 40, 56, 24), ((2, 21), 48, 40, 5)]  # r=5: B padded for TMA
+if DEV == "cuda":
+    LORA_SHAPES += [((4, 1021), 3072, 3072, 32), ((2053,), 1536, 4608, 64)]
+    LORA_TMA_SHAPES += [((4096,), 3072, 3072, 32), ((3, 1111), 1024, 3072, 16)]
+
+
+def _lora_mod():
+    import importlib
+
+    return importlib.import_module("oars_fast.kernels.lora_linear")
+
+
+def _lora_inputs(lead, k, n, r, bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda *s: (torch.randn(*s, generator=g, dtype=torch.float64) / max(1, s[-1]) ** 0.5)  # noqa: E731
+    x, w, a, b = mk(*lead, k), mk(n, k), mk(r, k), mk(n, r)
+    return [t.requires_grad_() for t in (x, w, a, b)] + ([mk(n).requires_grad_()] if bias else [])
+
+
+def _lora_check(fn, dtype, lead, k, n, r, bias, requires=(True, True, True, True, True)):
+    """fn's output and every gradient (x, W, A, B, bias) vs float64, within 2x / 3x torch's own error."""
+    inputs64 = _lora_inputs(lead, k, n, r, bias, hash((lead, k, n, r)) % 2**31)
+    for t, req in zip(inputs64, requires):
+        t.requires_grad_(req)
+
+    def call(f, ts):
+        return f(ts[0], ts[1], ts[4] if bias else None, ts[2], ts[3], 1.7)
+
+    with _common.backend("auto"):
+        out, grads = _grads(lambda *t: call(fn, t), [t.to(DEV, dtype) for t in inputs64])
+    with _common.backend("torch"):
+        out_t, grads_t = _grads(lambda *t: call(K.lora_linear_ref, t), [t.to(DEV, dtype) for t in inputs64])
+    out64, grads64 = _grads(lambda *t: call(K.lora_linear_ref, t), inputs64)
+    assert out.shape == (*lead, n) and out.dtype == dtype
+    _close(out, out_t, out64.to(DEV), 2)
+    for ours, same, ref in zip(grads, grads_t, grads64):
+        assert (ours is None) == (ref is None)
+        if ref is not None:
+            assert ours.dtype == dtype
+            _close(ours, same, ref.to(DEV), 3)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("lead,k,n,r", LORA_SHAPES)
 @pytest.mark.parametrize("bias", [True, False])
 def test_lora_linear_matches_reference(dtype, lead, k, n, r, bias):
-    g = torch.Generator().manual_seed(hash((lead, k, n, r)) % 2**31)
-    mk = lambda *s: (torch.randn(*s, generator=g, dtype=torch.float64) / max(1, s[-1]) ** 0.5)  # noqa: E731
-    x, w, a, b = mk(*lead, k), mk(n, k), mk(r, k), mk(n, r)
-    bb = mk(n) if bias else None
-    inputs64 = [t.requires_grad_() for t in (x, w, a, b)] + ([bb.requires_grad_()] if bias else [])
+    """The Triton path (pointer loads: the interpreter's default; on a GPU whatever the dispatch picks)."""
+    _lora_check(K.lora_linear, dtype, lead, k, n, r, bias)
 
-    def call(fn, ts):
-        x_, w_, a_, b_ = ts[:4]
-        return fn(x_, w_, ts[4] if bias else None, a_, b_, 1.7)
 
-    with _common.backend("auto"):
-        out, grads = _grads(lambda *t: call(K.lora_linear, t), [t.to(DEV, dtype) for t in inputs64])
-    with _common.backend("torch"):
-        out_t, grads_t = _grads(lambda *t: call(K.lora_linear_ref, t), [t.to(DEV, dtype) for t in inputs64])
-    out64, grads64 = _grads(lambda *t: call(K.lora_linear_ref, t), inputs64)
-    assert out.shape == (*lead, n)
-    _close(out, out_t, out64.to(DEV), 2)
-    for ours, same, ref in zip(grads, grads_t, grads64):
-        _close(ours, same, ref.to(DEV), 3)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead,k,n,r", LORA_TMA_SHAPES)
+def test_lora_linear_tma_path_matches_reference(dtype, lead, k, n, r, monkeypatch):
+    """The TMA-descriptor path of both kernels (forced; under the interpreter too), split epilogue included."""
+    L = _lora_mod()
+    used = []
+    real = L._use_tma
+    monkeypatch.setattr(L, "_use_tma", lambda *t: used.append(real(*t)) or used[-1])
+    with L.tma_mode(True if DEV == "cpu" else None):
+        _lora_check(K.lora_linear, dtype, lead, k, n, r, True)
+    if DEV == "cpu" or dtype != torch.float32:  # the u pass on B (out, r) needs r*itemsize % 16 == 0 for TMA
+        assert sum(used) == (4 if (r * dtype.itemsize) % 16 == 0 else 3), f"the TMA path did not run: {used}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead,k,n,r", [LORA_SHAPES[2], LORA_SHAPES[4]])
+def test_lora_linear_addmm_matches_reference(dtype, lead, k, n, r):
+    _lora_check(K.lora_linear_addmm, dtype, lead, k, n, r, True)
+    _lora_check(K.lora_linear_addmm, dtype, lead, k, n, r, False)
+
+
+@pytest.mark.parametrize("requires", [(False, False, True, True, False), (True, False, False, True, False),
+                                      (True, False, True, False, True)], ids=["no-dx", "dB-only", "dA-dbias"])
+def test_lora_linear_partial_gradients(requires):
+    """A frozen base (and inputs without grad: the first layer) takes the other backward branches."""
+    _lora_check(K.lora_linear, torch.float32, (3, 13), 40, 24, 8, True, requires)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tma", [False, True])
+@pytest.mark.parametrize("m,k,r", [(1, 8, 8), (45, 72, 24), (67, 40, 3)])
+def test_lora_u_pass_matches_reference(dtype, tma, m, k, r):
+    """us = s * x @ A^T (forward) and s * dy @ B (backward: B read as stored), padded columns zero."""
+    L = _lora_mod()
+    g = torch.Generator().manual_seed(m * k + r)
+    x = torch.randn(m, k, generator=g, dtype=torch.float64)
+    a = torch.randn(r, k, generator=g, dtype=torch.float64) / k ** 0.5
+    br = L.rank_block(r)
+    for a_t, wt in ((True, a), (False, a.t().contiguous())):  # wt: A stored (r, k) or (k, r)
+        ref64 = 1.7 * x @ a.t()
+        with L.tma_mode(tma if DEV == "cpu" else None):
+            us = L._launch_u(x.to(DEV, dtype), wt.to(DEV, dtype), 1.7, a_t)
+        assert us.shape == (m, br) and us.dtype == dtype
+        assert torch.all(us[:, r:] == 0)
+        same = (1.7 * x.to(DEV, dtype) @ a.t().to(DEV, dtype))
+        _close(us[:, :r], same, ref64.to(DEV), 2)
 
 
 def test_lora_linear_frozen_base_skips_base_grads():
@@ -74,9 +146,23 @@ def test_lora_linear_frozen_base_skips_base_grads():
     assert w.grad is None and a.grad is not None and b.grad is not None and x.grad is not None
 
 
+def test_lora_linear_fp32_adapters_on_half_input():
+    """RL keeps the adapters in fp32 on a bf16/fp16 base: the op casts them, the grads come back fp32."""
+    x = torch.randn(2, 7, 16, device=DEV, dtype=torch.float16)
+    w = torch.randn(24, 16, device=DEV, dtype=torch.float16)
+    a = torch.randn(8, 16, device=DEV, requires_grad=True)
+    b = torch.randn(24, 8, device=DEV, requires_grad=True)
+    y = K.lora_linear(x, w, None, a, b, 0.5)
+    assert y.dtype == torch.float16 and y.shape == (2, 7, 24)
+    y.float().sum().backward()
+    assert a.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
+
+
 def test_lora_linear_shape_errors():
     with pytest.raises(ValueError, match="shapes"):
         K.lora_linear(torch.randn(2, 5), torch.randn(3, 4), None, torch.randn(2, 4), torch.randn(3, 2), 1.0)
+    with pytest.raises(ValueError, match="shapes"):
+        K.lora_linear_addmm(torch.randn(2, 4), torch.randn(3, 4), None, torch.randn(2, 4), torch.randn(3, 5), 1.0)
 
 
 def test_lora_linear_opcheck():
@@ -85,6 +171,69 @@ def test_lora_linear_opcheck():
     for t in (x, w, a, b):
         t.requires_grad_()
     torch.library.opcheck(torch.ops.oars_fast.lora_linear.default, (x, w, bias, a, b, 2.0))
+    dy = torch.randn(17, 20, device=DEV)
+    torch.library.opcheck(torch.ops.oars_fast.lora_linear_dx.default, (dy, w.detach(), a.detach(), b.detach(), 2.0))
+    torch.library.opcheck(torch.ops.oars_fast.lora_u.default, (x.detach(), a.detach(), 2.0, True))
+    torch.library.opcheck(torch.ops.oars_fast.lora_u.default, (dy, b.detach(), 2.0, False))
+
+
+def test_lora_autotune_once_per_m_bucket(monkeypatch):
+    """Tuning (OARS_LORA_AUTOTUNE=1) runs once per (kernel, N, K, M bucket): a new micro-batch size in the
+    same power-of-two bucket reuses the choice; without the variable nothing is tuned (pinned table)."""
+    L = _lora_mod()
+    dev = torch.device(DEV)
+    w, a, b = torch.randn(24, 16, device=dev), torch.randn(8, 16, device=dev), torch.randn(24, 8, device=dev)
+    L.reset_tuning()
+    try:
+        monkeypatch.setenv("OARS_LORA_AUTOTUNE", "1")
+        L.lora_linear_forward(torch.randn(33, 16, device=dev), w, None, a, b, 1.0)
+        assert len(L.TUNE_EVENTS) == 2  # the u pass and the GEMM
+        for m in (40, 64, 50):  # the same bucket (64)
+            L.lora_linear_forward(torch.randn(m, 16, device=dev), w, None, a, b, 1.0)
+        assert len(L.TUNE_EVENTS) == 2
+        L.lora_linear_backward(torch.randn(35, 24, device=dev), w, a, b, 1.0)
+        assert len(L.TUNE_EVENTS) == 4  # the backward's kernels have keys of their own
+        L.lora_linear_forward(torch.randn(65, 16, device=dev), w, None, a, b, 1.0)
+        assert len(L.TUNE_EVENTS) == 6 and L.m_bucket(65) == 128
+        assert L.m_bucket(10**7) == L.M_BUCKET_CAP == L.m_bucket(10**8)
+        L.reset_tuning()
+        monkeypatch.delenv("OARS_LORA_AUTOTUNE")
+        L.lora_linear_forward(torch.randn(33, 16, device=dev), w, None, a, b, 1.0)
+        assert L.TUNE_EVENTS == [] and len(L._CHOSEN) == 2
+    finally:
+        L.reset_tuning()
+
+
+def test_lora_pinned_table_covers_cards():
+    L = _lora_mod()
+    for card in L.PINNED.values():
+        for kind in ("mm", "u"):
+            assert set(card[kind]) == {"large", "small"}
+            for cfg in card[kind].values():
+                assert cfg in (L.MM_CONFIGS if kind == "mm" else L.U_CONFIGS)  # the compile report checks them
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="needs a GPU with ~30 GB free")
+def test_lora_linear_int64_offsets():
+    """x and y over 2^31 elements: rows past 2^31 / in are addressed with int64 offsets (pointer and TMA)."""
+    free, _ = torch.cuda.mem_get_info()
+    if free < 30 * 2**30:
+        pytest.skip("not enough GPU memory")
+    m, k, n, r = 2**31 // 64 + 301, 64, 64, 16
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w, a, b = (torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / 8, torch.randn(r, k, device="cuda",
+               dtype=torch.bfloat16) / 8, torch.randn(n, r, device="cuda", dtype=torch.bfloat16) / 4)
+    L = _lora_mod()
+    for tma in (False, None):
+        with L.tma_mode(tma):
+            y, _ = L.lora_linear_forward(x, w, None, a, b, 2.0)
+            dx, _ = L.lora_linear_backward(y, w, a, b, 2.0)
+        tail = slice(m - 1000, m)
+        y_ref = K.lora_linear_ref(x[tail].float(), w.float(), None, a.float(), b.float(), 2.0)
+        assert torch.allclose(y[tail].float(), y_ref, atol=5e-2, rtol=2e-2)
+        dx_ref = y[tail].float() @ w.float() + 2.0 * (y[tail].float() @ b.float()) @ a.float()
+        assert torch.allclose(dx[tail].float(), dx_ref, atol=5e-2, rtol=2e-2)
+        del y, dx
 
 
 # ------------------------------------------------------------------------------------------------
@@ -93,9 +242,9 @@ NFT_SHAPES = [(1, 1), (3, 7), (5, 3, 17, 19), (2, 4, 1031), (4, 16, 8, 8), (2, 3
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", NFT_SHAPES, ids=str)
-@pytest.mark.parametrize("beta,kl_weight,with_ref,adaptive", [(1.0, 0.0, False, True), (0.5, 0.3, True, True),
-                                                               (2.0, 1e-4, True, False)])
-def test_nft_loss_matches_reference(dtype, shape, beta, kl_weight, with_ref, adaptive):
+@pytest.mark.parametrize("beta,kl_weight,with_ref,adaptive,policy_weight", [
+    (1.0, 0.0, False, True, 1.0), (0.5, 0.3, True, True, 5.0), (2.0, 1e-4, True, False, 2.5)])
+def test_nft_loss_matches_reference(dtype, shape, beta, kl_weight, with_ref, adaptive, policy_weight):
     g = torch.Generator().manual_seed(hash(shape) % 2**31)
     b = shape[0]
     v = [torch.randn(*shape, generator=g, dtype=torch.float64) for _ in range(4)]
@@ -103,7 +252,7 @@ def test_nft_loss_matches_reference(dtype, shape, beta, kl_weight, with_ref, ada
     v[0].requires_grad_()
 
     def call(fn, th, old, tg, ref, tt, rr):
-        return fn(th, old, tg, tt, rr, beta, ref if with_ref else None, kl_weight, adaptive)
+        return fn(th, old, tg, tt, rr, beta, ref if with_ref else None, kl_weight, adaptive, policy_weight)
 
     cast = lambda d: [x.to(DEV, d) for x in v] + [t.to(DEV), r.to(DEV)]  # noqa: E731
     out, (gk, *_) = _grads(lambda *a: call(K.nft_loss, *a), cast(dtype))
@@ -144,7 +293,31 @@ def test_nft_loss_opcheck():
     v = [torch.randn(3, 4, 5, device=DEV) for _ in range(4)]
     v[0].requires_grad_()
     t, r = torch.rand(3, device=DEV), torch.rand(3, device=DEV)
-    torch.library.opcheck(torch.ops.oars_fast.nft_loss.default, (v[0], v[1], v[2], t, r, v[3], 1.0, 0.1, True))
+    torch.library.opcheck(torch.ops.oars_fast.nft_loss.default, (v[0], v[1], v[2], t, r, v[3], 1.0, 0.1, True, 5.0))
+
+
+def test_nft_loss_policy_weight():
+    """policy_weight scales the policy term only: the default (1.0) is the unweighted loss, bit for bit; the
+    weighted loss and gradient are policy_weight * policy + KL (DiffusionNFT: adv_clip_max * policy + KL)."""
+    v = [torch.randn(3, 4, 33, device=DEV) for _ in range(4)]
+    t, r = torch.rand(3, device=DEV), torch.rand(3, device=DEV)
+
+    def run(**kw):
+        th = v[0].clone().requires_grad_()
+        loss = K.nft_loss(th, v[1], v[2], t, r, 0.7, v[3], 0.2, **kw)
+        loss.backward()
+        return loss.detach(), th.grad
+
+    base, g_base = run()
+    one, g_one = run(policy_weight=1.0)
+    assert torch.equal(base, one) and torch.equal(g_base, g_one)
+    kl_only, g_kl = run(policy_weight=0.0)
+    five, g_five = run(policy_weight=5.0)
+    assert torch.allclose(five, kl_only + 5.0 * (base - kl_only), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(g_five, g_kl + 5.0 * (g_base - g_kl), rtol=1e-4, atol=1e-7)
+    _, stats = K.nft_loss_with_stats(v[0], v[1], v[2], t, r, 0.7, v[3], 0.2, policy_weight=5.0)
+    _, stats1 = K.nft_loss_with_stats(v[0], v[1], v[2], t, r, 0.7, v[3], 0.2)
+    assert float(stats["pos"]) == pytest.approx(float(stats1["pos"]))  # stats stay unweighted
 
 
 def test_nft_loss_input_errors():
@@ -178,7 +351,8 @@ def test_compass_reward_known_values_and_broadcast():
     q_sr = torch.tensor([4.0, 1.5], device=DEV)
     assert torch.allclose(K.compass_reward(torch.ones(2, device=DEV), q_lr, q_sr), q_sr)
     assert torch.allclose(K.compass_reward(torch.zeros(2, device=DEV), q_lr, q_sr), torch.zeros(2, device=DEV))
-    r = K.compass_reward(torch.tensor([0.5], device=DEV), torch.tensor([3.5], device=DEV), torch.tensor([4.5], device=DEV))
+    r = K.compass_reward(torch.tensor([0.5], device=DEV), torch.tensor([3.5], device=DEV),
+                         torch.tensor([4.5], device=DEV))
     assert float(r) == pytest.approx(0.5 * 3.5 + 0.5 ** 0.5 * 1.0, rel=1e-6)
     f = torch.rand(4, 1, device=DEV, requires_grad=True)
     out = K.compass_reward(f, torch.full((1, 3), 2.0, device=DEV), torch.full((4, 3), 3.0, device=DEV))
@@ -242,11 +416,11 @@ def test_top_level_kernels_import_is_inert():
     from pathlib import Path
 
     root = str(Path(__file__).resolve().parents[1])
-    code = ("import sys; sys.path.insert(0, %r)\n"
+    code = (f"import sys; sys.path.insert(0, {root!r})\n"
             "import oars_fast.kernels as ok\n"
             "import kernels\n"
             "assert kernels is not ok and not hasattr(kernels, 'lora_linear') and not hasattr(kernels, '__version__')\n"
             "import torch\n"
-            "print(float(ok.group_advantages(torch.rand(8), 4)[0].sum()))\n" % root)
+            "print(float(ok.group_advantages(torch.rand(8), 4)[0].sum()))\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
