@@ -1,11 +1,13 @@
 """Packaging for oars-fast.
 
 `kernels/` is installed as `oars_fast.kernels` (never as a top-level `kernels` module: a
-PyPI package of that name exists and would shadow us or be shadowed).
+PyPI package of that name exists and would shadow us or be shadowed); `configs/` ships inside the
+package as `oars_fast.configs` (read through importlib.resources, so an installed `oars-fast demo`
+finds its YAML files).
 """
 from setuptools import find_packages, setup
 
-packages = find_packages(include=["oars_fast", "oars_fast.*"]) + ["oars_fast.kernels"]
+packages = find_packages(include=["oars_fast", "oars_fast.*"]) + ["oars_fast.kernels", "oars_fast.configs"]
 
 setup(
     name="oars-fast",
@@ -13,8 +15,8 @@ setup(
     description="Online RL alignment of generative 4x real-world super-resolution (OARS), fast",
     python_requires=">=3.10",
     packages=packages,
-    package_dir={"oars_fast.kernels": "kernels"},
-    include_package_data=True,
+    package_dir={"oars_fast.kernels": "kernels", "oars_fast.configs": "configs"},
+    package_data={"oars_fast.configs": ["*/*.yaml"]},
     install_requires=[
         # torch is installed explicitly first by the Makefile (CPU wheel on CI machines).
         "torch>=2.4",
@@ -32,11 +34,12 @@ setup(
         "tensorboard>=2.16",
         "scikit-image>=0.22",
         "scikit-learn>=1.4",
+        "scipy>=1.11",
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda120"],
         "gpu": ["flash-attn"],
-        "dev": ["pytest>=8.0", "pytest-timeout>=2.3"],
+        "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "ruff>=0.6", "build>=1.0"],
     },
     entry_points={"console_scripts": ["oars-fast=oars_fast.cli:main"]},
 )

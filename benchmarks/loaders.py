@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 
 from oars_fast.config import DataConfig
-from oars_fast.data.datasets import ShardedLoader, build_dataset, build_loader
+from oars_fast.data.build import build_dataset, build_loader
+from oars_fast.data.loader import ShardedLoader
 
 from .harness import RESULTS, device_name, git_sha
 

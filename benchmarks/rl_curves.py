@@ -27,13 +27,13 @@ def main(argv=None) -> None:
     for objective in ("nft", "flow_grpo"):
         job = load_config(RLJob, CONFIG, [f"rl.objective={objective}", f"rl.iterations={args.iterations}",
                                           f"rl.eval_every={args.eval_every}", "rl.sft_model=null",
-                                          "rl.probe_every=0", "rl.save_every=0", "lora.fused=false",
+                                          "rl.probe_every=0", "rl.save_every=0", "lora.kernel=peft",
                                           "rl.grpo_clip=0.2", "run.output_dir=runs/rl_curves",
                                           f"run.name={objective}"])
         if not Path(job.model.pretrained).exists():
             raise SystemExit(f"{job.model.pretrained} is missing: run `make demo` first")
         stage = RLStage(job).setup()
-        curve = [(0, 0, stage.evaluate())]
+        curve = [(0, 0, stage.eval_before)]
         stage.train()
         curve += [(i + 1, h["samples"], h["eval_reward"]) for i, h in enumerate(stage.history) if "eval_reward" in h]
         stage.cleanup()

@@ -54,8 +54,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     vgg, ab = _dists_weights(args.work / "weights")
-    width = ("{num_layers: %d, attention_head_dim: 128, num_attention_heads: 24, joint_attention_dim: 3584, "
-             "axes_dims_rope: [16, 56, 56]}" % args.layers)
+    width = (f"{{num_layers: {args.layers}, attention_head_dim: 128, num_attention_heads: 24, "
+             "joint_attention_dim: 3584, axes_dims_rope: [16, 56, 56]}")
     common = [f"run.output_dir={args.work}", f"run.device={'cuda' if cuda else 'cpu'}", "rl.probe_every=0",
               "rl.save_every=0", "rl.eval_inputs=0", "reward.name=dists", f"reward.dists_vgg={vgg}",
               f"reward.dists_weights={ab}", "rl.timesteps_per_sample=1", "optim.lr=1e-4", "lora.rank=32",
@@ -69,7 +69,7 @@ def main(argv=None) -> None:
                    "rl.micro_batch=8", "model.gradient_checkpointing=true"]
     rows = []
     for provider, fused in (("ours", True), ("reference", False)):
-        job = load_config(RLJob, None, common + [f"run.name={provider}", f"lora.fused={str(fused).lower()}",
+        job = load_config(RLJob, None, common + [f"run.name={provider}", f"lora.kernel={'triton' if fused else 'peft'}",
                                                  f"rl.iterations={args.iters + 1}"])
         with kernels.backend("auto" if fused else "torch"):
             st = RLStage(job).setup()

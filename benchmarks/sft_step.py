@@ -49,7 +49,7 @@ def main(argv=None) -> None:
     def step():
         t = torch.rand(args.batch, device=dev)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss, _ = flow_matching_loss(model, x0, cond, t, torch.randn_like(x0))
+            loss = flow_matching_loss(model, x0, cond, t, torch.randn_like(x0))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

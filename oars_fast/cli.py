@@ -1,7 +1,9 @@
 """`oars-fast <command> --config FILE [key=value ...]`: parse, then dispatch to a stage.
 
 The CLI only parses and dispatches; each command's work lives in `oars_fast.stages`.
-`oars-fast <command> --help` lists that command's config fields with defaults and docs.
+`oars-fast <command> --help` lists that command's config fields with defaults and docs. A user's
+mistake (:class:`~oars_fast.errors.OarsError`: a config error, a missing file, a missing device, a
+diverged run) ends as one line on stderr and its exit code; anything else keeps its traceback.
 """
 from __future__ import annotations
 
@@ -11,7 +13,11 @@ import logging
 import sys
 from dataclasses import dataclass
 
-from .config import BaseJob, ConfigError, DataJob, InferJob, MergeJob, RLJob, SFTJob, describe, load_config
+import yaml
+
+from .config import DataJob, DemoBaseJob, InferJob, MergeJob, RLJob, SFTJob, describe, load_config, to_dict
+from .errors import OarsError
+from .runtime.distributed import launched_world
 
 
 @dataclass(frozen=True)
@@ -25,8 +31,8 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "data": Command("prepare the data set of a config and report what it holds", DataJob,
                     "oars_fast.stages.data:run"),
-    "base": Command("demo only: pretrain the tiny model (VAE + generic bicubic SR) as a stand-in base", BaseJob,
-                    "oars_fast.stages.base:run"),
+    "demo-base": Command("demo only: pretrain the tiny model (VAE + generic bicubic SR) as a stand-in base",
+                         DemoBaseJob, "oars_fast.stages.demo_base:run"),
     "sft": Command("cold-start flow-matching SFT (LR -> HR)", SFTJob, "oars_fast.stages.sft:run"),
     "infer": Command("super-resolve a file or folder of LR images", InferJob, "oars_fast.stages.infer:run"),
     "rl": Command("online RL of a LoRA on the base (rl.mode=fr|nr, rl.objective=nft|flow_grpo)", RLJob,
@@ -57,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=cmd.help + status, description=cmd.help + status,
                             epilog="config fields (set in the YAML file or as key=value):\n" + fields,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-        sp.add_argument("--config", help="YAML config file (see configs/)")
+        sp.add_argument("--config", help="YAML config file (a path, or a shipped one: configs/demo/sft.yaml)")
         sp.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
         sp.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
         sp.add_argument("--local_rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -76,25 +82,20 @@ def main(argv: list[str] | None = None) -> int:
     if cmd.runner is None:
         print(f"oars-fast {args.command}: not built yet: {cmd.missing} has not landed.", file=sys.stderr)
         return 2
-    job = None
-    if cmd.job is not None:
-        overrides = list(args.overrides) + (["run.resume=true"] if args.resume else [])
-        try:
-            job = load_config(cmd.job, args.config, overrides)
-        except ConfigError as e:
-            print(f"oars-fast {args.command}: config error: {e}", file=sys.stderr)
-            return 2
-        if args.print_config:
-            import yaml
-
-            from .config import to_dict
-
-            print(yaml.safe_dump(to_dict(job), sort_keys=False))
-            return 0
-    module, func = cmd.runner.split(":")
-    result = getattr(importlib.import_module(module), func)(job) if job is not None else \
-        getattr(importlib.import_module(module), func)(args.overrides)
-    return int(result or 0)
+    try:
+        if cmd.job is None:
+            target = args.overrides
+        else:
+            overrides = list(args.overrides) + (["run.resume=true"] if args.resume else [])
+            target = load_config(cmd.job, args.config, overrides, world=launched_world())
+            if args.print_config:
+                print(yaml.safe_dump(to_dict(target), sort_keys=False))
+                return 0
+        module, func = cmd.runner.split(":")
+        return int(getattr(importlib.import_module(module), func)(target) or 0)
+    except OarsError as e:
+        print(f"oars-fast {args.command}: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":

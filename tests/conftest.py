@@ -58,12 +58,12 @@ def demo_cache(tmp_path_factory):
 def tiny_base(tmp_path_factory, demo_cache):
     """A tiny model whose VAE was briefly trained as an autoencoder (random transformer), saved as a
     diffusers folder: decoded images mean something, so SR quality can be compared."""
-    from oars_fast.config import BaseJob, load_config
+    from oars_fast.config import DemoBaseJob, load_config
     from oars_fast.models.backbone import build_tiny
-    from oars_fast.stages.base import pretrain_vae
+    from oars_fast.stages.demo_base import pretrain_vae
 
     out = tmp_path_factory.mktemp("tiny-base")
-    job = load_config(BaseJob, None, [f"data.demo_cache={demo_cache}", "vae.steps=150", "vae.crop_size=32",
+    job = load_config(DemoBaseJob, None, [f"data.demo_cache={demo_cache}", "vae.steps=150", "vae.crop_size=32",
                                       "model.tiny={num_layers: 1}"])
     model = build_tiny(job.model, seed=0)
     pretrain_vae(model, job, torch.device("cpu"))

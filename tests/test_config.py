@@ -3,11 +3,25 @@ from pathlib import Path
 import pytest
 import yaml
 
-from oars_fast.config import (BaseJob, ConfigError, MergeJob, RLJob, DataConfig, DataJob, DegradationConfig, InferJob, OptimizerConfig,
-                              SFTJob, load_config, per_rank, save_config)
+from oars_fast.config import (
+    ConfigError,
+    DataConfig,
+    DataJob,
+    DegradationConfig,
+    DegradationPass,
+    DemoBaseJob,
+    InferJob,
+    MergeJob,
+    OptimizerConfig,
+    RLJob,
+    SFTJob,
+    load_config,
+    per_rank,
+    save_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-JOBS = {"data": DataJob, "sft": SFTJob, "infer": InferJob, "base": BaseJob, "rl": RLJob, "merge": MergeJob}
+JOBS = {"data": DataJob, "sft": SFTJob, "infer": InferJob, "base": DemoBaseJob, "rl": RLJob, "merge": MergeJob}
 
 
 def _job_for(path: Path):
@@ -66,7 +80,9 @@ def test_degradation_validation():
     with pytest.raises(ConfigError, match="kernel_range"):
         DegradationConfig(kernel_range=[8])
     with pytest.raises(ConfigError, match="jpeg_range"):
-        DegradationConfig(jpeg_range=[90, 30])
+        DegradationPass(jpeg_range=[90, 30])
+    with pytest.raises(ConfigError, match="kernel_list has 'box'"):
+        DegradationConfig(kernel_list=["iso", "box"], kernel_prob=[0.5, 0.5])
 
 
 def test_type_errors_name_the_field():
@@ -96,15 +112,52 @@ def test_per_rank_batch():
 def test_resolved_yaml_is_plain(tmp_path):
     save_config(DataJob(), tmp_path / "c.yaml")
     data = yaml.safe_load((tmp_path / "c.yaml").read_text())
-    assert data["data"]["source"] == "demo" and data["degradation"]["jpeg_range"] == [30.0, 95.0]
+    assert data["data"]["source"] == "demo" and data["degradation"]["first"]["jpeg_range"] == [30.0, 95.0]
 
 
-def test_batch_split_is_checked_against_the_launched_world(monkeypatch):
-    from oars_fast.config import RLJob, SFTJob
+def test_batch_split_is_checked_against_the_launched_world(monkeypatch, capsys):
+    with pytest.raises(ConfigError, match="data.batch_size=6 .*world_size\\*grad_accum=4\\*1"):
+        load_config(SFTJob, None, ["data.batch_size=6"], world=4)
+    with pytest.raises(ConfigError, match="rl.inputs_per_iter=2"):
+        load_config(RLJob, None, ["rl.inputs_per_iter=2"], world=4)
+    assert load_config(SFTJob, None, ["data.batch_size=8"], world=4).data.batch_size == 8
+    # the CLI passes the launcher's world size (WORLD_SIZE)
+    from oars_fast.cli import main
 
     monkeypatch.setenv("WORLD_SIZE", "4")
-    with pytest.raises(ConfigError, match="data.batch_size=6 .*world_size\\*grad_accum=4\\*1"):
-        load_config(SFTJob, None, ["data.batch_size=6"])
-    with pytest.raises(ConfigError, match="rl.inputs_per_iter=2"):
-        load_config(RLJob, None, ["rl.inputs_per_iter=2"])
-    assert load_config(SFTJob, None, ["data.batch_size=8"]).data.batch_size == 8
+    assert main(["sft", "--print-config", "data.batch_size=6"]) == 2
+    assert "not divisible" in capsys.readouterr().err
+
+
+def test_nested_sections_keep_their_own_defaults():
+    """A YAML that sets one key of a section keeps the section's other defaults, even when the job gives
+    that section non-class defaults (RL's optimizer, the second degradation pass)."""
+    job = load_config(RLJob, None, ["optim.grad_clip=0.5", "degradation.second.jpeg_range=[40, 90]"])
+    assert job.optim.lr == pytest.approx(3e-4) and job.optim.weight_decay == 0.0 and job.optim.grad_clip == 0.5
+    second = job.degradation.second
+    assert second.jpeg_range == [40.0, 90.0] and second.blur_prob == 0.8 and second.blur_sigma == [0.2, 1.5]
+    assert job.degradation.first.blur_sigma == [0.2, 3.0]
+
+
+@pytest.mark.parametrize("old,new", [("degradation.blur_sigma2", "degradation.second.blur_sigma"),
+                                     ("degradation.jpeg_range", "degradation.first.jpeg_range"),
+                                     ("degradation.second_blur_prob", "degradation.second.blur_prob")])
+def test_old_flat_degradation_keys_name_their_new_place(old, new):
+    with pytest.raises(ConfigError, match=f"{old} has moved: use {new}"):
+        load_config(SFTJob, None, [f"{old}=[1, 2]"])
+
+
+def test_choices_come_from_the_annotations_and_are_checked_however_built():
+    with pytest.raises(ConfigError, match=r"DataConfig.loader='fast' is not valid; choose one of \['torch', 'dali'\]"):
+        DataConfig(loader="fast")
+    with pytest.raises(ConfigError, match="zero_stage=5"):
+        load_config(SFTJob, None, ["deepspeed.zero_stage=5"])
+    assert load_config(SFTJob, None, ["deepspeed.zero_stage=3", "sft.train=full"]).deepspeed.zero_stage == 3
+
+
+def test_shipped_configs_resolve_from_any_folder(tmp_path, monkeypatch):
+    from oars_fast.config import resolve_config_path, shipped_config
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_config_path("configs/demo/sft.yaml") == shipped_config("demo/sft.yaml")
+    assert load_config(SFTJob, "demo/sft.yaml").sft.steps > 0

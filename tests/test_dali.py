@@ -8,8 +8,10 @@ from conftest import write_image
 from PIL import Image
 
 from oars_fast.config import DataConfig
+from oars_fast.data import build as build_mod
 from oars_fast.data import dali as dali_mod
-from oars_fast.data.datasets import ShardedLoader, build_dataset, build_loader
+from oars_fast.data.build import build_dataset, build_loader
+from oars_fast.data.loader import ShardedLoader
 
 pytest.importorskip("nvidia.dali")
 
@@ -124,7 +126,7 @@ def test_resume_continues_with_the_same_batches(tmp_path, image_dir):
 
 
 def test_falls_back_to_torch_loader_when_dali_is_missing(tmp_path, image_dir, monkeypatch, caplog):
-    monkeypatch.setattr(dali_mod, "dali_unavailable", lambda cfg: "NVIDIA DALI is not installed (test)")
+    monkeypatch.setattr(build_mod, "dali_unavailable", lambda: "NVIDIA DALI is not installed (test)")
     cfg = _cfg(source="hr", hr_dir=str(image_dir), crop_size=32)
     with caplog.at_level(logging.WARNING):
         loader = build_loader(build_dataset(cfg, 0), cfg, 2, 0)

@@ -4,14 +4,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import write_image
 from PIL import Image
 
-from conftest import write_image
 from oars_fast.config import DataConfig
-from oars_fast.data.datasets import (HRDataset, LQDataset, PairedDataset, ShardedLoader, build_dataset, collate,
-                                     match_pairs, reflect_pad_to)
+from oars_fast.data.build import build_dataset
+from oars_fast.data.datasets import HRDataset, LQDataset, PairedDataset, collate, match_pairs, reflect_pad_to
 from oars_fast.data.demo import demo_dataset_dir
 from oars_fast.data.images import ImageReadError, load_image, scan_images
+from oars_fast.data.loader import ShardedLoader
+from oars_fast.errors import UserError
 
 
 def test_formats_and_conversions(tmp_path):
@@ -66,7 +68,7 @@ def test_bad_files_are_skipped_and_counted(tmp_path, caplog):
 def test_all_bad_is_a_clear_error(tmp_path):
     (tmp_path / "x.png").write_bytes(b"junk")
     ds = HRDataset(scan_images(tmp_path), DataConfig(source="hr", hr_dir=str(tmp_path), crop_size=16), 0)
-    with pytest.raises(RuntimeError, match="no usable image"):
+    with pytest.raises(UserError, match="no usable image"):
         ds[0]
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from oars_fast.config import DegradationConfig
+from oars_fast.config import DegradationConfig, DegradationPass
 from oars_fast.data import degrade as D
 from oars_fast.data.degrade import RealESRGANDegradation
 from oars_fast.data.demo import demo_photos
@@ -58,7 +58,7 @@ def test_every_kernel_type_sums_to_one(kind):
         if kind == "sinc":
             k = D.sinc_kernel(size, draw.uniform(math.pi / 5, math.pi))
         else:
-            k = D.random_kernel(draw, kind, size, cfg.blur_sigma, cfg.betag_range, cfg.betap_range)
+            k = D.random_kernel(draw, kind, size, cfg.first.blur_sigma, cfg.first.betag_range, cfg.first.betap_range)
         assert k.shape == (size, size)
         assert float(k.sum()) == pytest.approx(1.0, abs=1e-9)
         assert torch.allclose(k, k.flip(0).flip(1), atol=1e-12)  # point symmetric
@@ -127,7 +127,8 @@ def test_gaussian_noise_level_and_gray():
 
 
 def test_poisson_path_forced(photos):
-    cfg = DegradationConfig(gaussian_noise_prob=0.0, gaussian_noise_prob2=0.0)
+    cfg = DegradationConfig(first=DegradationPass(gaussian_noise_prob=0.0),
+                            second=DegradationPass(gaussian_noise_prob=0.0))
     lr, params = RealESRGANDegradation(cfg)(photos, generator=torch.Generator().manual_seed(0), return_params=True)
     assert all(p["noise1"][0] == "poisson" and p["noise2"][0] == "poisson" for p in params)
     assert lr.shape == (4, 3, 16, 16)

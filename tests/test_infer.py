@@ -1,7 +1,7 @@
 """Inference: whole images and overlapping tiles, unreadable inputs skipped."""
 import torch
-
 from conftest import write_image
+
 from oars_fast.cli import main
 from oars_fast.data.images import load_image
 from oars_fast.stages.infer import _ramp, _starts

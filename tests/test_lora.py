@@ -1,16 +1,19 @@
-"""LoRA on the tiny transformer: the fused op vs peft's eager forward, keys, save/load, merging."""
+"""LoRA on the tiny transformer: our kernels vs peft's eager forward, keys, save/load, exports that load
+in peft and diffusers, merging. The models run on the GPU when there is one (the Triton kernel itself),
+else on the CPU (the kernel under Triton's interpreter)."""
 import pytest
 import torch
 
 from oars_fast.config import LoRAConfig, ModelConfig
 from oars_fast.models.backbone import build_tiny
-from oars_fast.models.lora import add_lora, lora_state_dict, merged_state_dict, use_fused_lora
+from oars_fast.models.lora import add_lora, lora_state_dict, merged_state_dict, save_lora, use_lora_kernel
 
 CFG = LoRAConfig(rank=4, alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0", "add_q_proj"])
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _model(seed=0):
-    m = build_tiny(ModelConfig(tiny={"num_layers": 1}), seed=seed)
+    m = build_tiny(ModelConfig(tiny={"num_layers": 1}), seed=seed).to(DEV)
     m.transformer.requires_grad_(False)
     add_lora(m.transformer, CFG)
     with torch.no_grad():  # peft starts B at zero; give it a value so the adapter matters
@@ -26,8 +29,8 @@ def _train(m, steps=3):
     g = torch.Generator().manual_seed(0)
     losses = []
     for _ in range(steps):
-        x, c = torch.randn(2, 16, 4, 4, generator=g), torch.randn(2, 16, 4, 4, generator=g)
-        t, v = torch.rand(2, generator=g), torch.randn(2, 16, 4, 4, generator=g)
+        x, c = torch.randn(2, 16, 4, 4, generator=g).to(DEV), torch.randn(2, 16, 4, 4, generator=g).to(DEV)
+        t, v = torch.rand(2, generator=g).to(DEV), torch.randn(2, 16, 4, 4, generator=g).to(DEV)
         loss = (m.velocity(x, t, c) - v).pow(2).mean()
         opt.zero_grad()
         loss.backward()
@@ -36,12 +39,13 @@ def _train(m, steps=3):
     return losses
 
 
-def test_fused_and_peft_training_agree():
+@pytest.mark.parametrize("kernel", ["triton", "addmm"])
+def test_kernel_and_peft_training_agree(kernel):
     eager = _model()
     fused = _model()
-    n = use_fused_lora(fused.transformer)
+    n = use_lora_kernel(fused.transformer, kernel)
     assert n == 5  # one layer, five target modules
-    assert type(fused.transformer.transformer_blocks[0].attn.to_q).__name__ == "FusedLoraLinear"
+    assert type(fused.transformer.transformer_blocks[0].attn.to_q).__name__ == f"{kernel.capitalize()}LoraLinear"
     l_eager, l_fused = _train(eager), _train(fused)
     assert l_fused == pytest.approx(l_eager, rel=1e-4)
     for (k1, p1), (k2, p2) in zip(eager.transformer.named_parameters(), fused.transformer.named_parameters()):
@@ -53,9 +57,10 @@ def test_fused_and_peft_training_agree():
 def test_fused_keeps_peft_keys_and_switching():
     m = _model()
     keys = list(m.transformer.state_dict())
-    use_fused_lora(m.transformer)
+    use_lora_kernel(m.transformer, "triton")
     assert list(m.transformer.state_dict()) == keys
-    x, c, t = torch.randn(1, 16, 4, 4), torch.randn(1, 16, 4, 4), torch.tensor([0.4])
+    x, c = torch.randn(1, 16, 4, 4, device=DEV), torch.randn(1, 16, 4, 4, device=DEV)
+    t = torch.tensor([0.4], device=DEV)
     with torch.no_grad():
         on = m.velocity(x, t, c)
         m.transformer.disable_adapters()
@@ -63,7 +68,7 @@ def test_fused_keeps_peft_keys_and_switching():
         m.transformer.enable_adapters()
         again = m.velocity(x, t, c)
     assert not torch.allclose(on, off) and torch.allclose(on, again)
-    assert use_fused_lora(m.transformer, enabled=False) == 5
+    assert use_lora_kernel(m.transformer, "peft") == 5
 
 
 def test_saved_adapter_reloads_in_peft(tmp_path):
@@ -72,12 +77,13 @@ def test_saved_adapter_reloads_in_peft(tmp_path):
     from safetensors.torch import load_file, save_file
 
     m = _model()
-    use_fused_lora(m.transformer)
+    use_lora_kernel(m.transformer, "triton")
     save_file(lora_state_dict(m.transformer), str(tmp_path / "adapter_model.safetensors"))
-    fresh = build_tiny(ModelConfig(tiny={"num_layers": 1}), seed=0)
+    fresh = build_tiny(ModelConfig(tiny={"num_layers": 1}), seed=0).to(DEV)
     fresh.transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=CFG.target_modules))
     set_peft_model_state_dict(fresh.transformer, load_file(str(tmp_path / "adapter_model.safetensors")))
-    x, c, t = torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4), torch.tensor([0.3, 0.8])
+    x, c, t = torch.randn(2, 16, 4, 4, device=DEV), torch.randn(2, 16, 4, 4, device=DEV), \
+        torch.tensor([0.3, 0.8], device=DEV)
     with torch.no_grad():
         assert torch.allclose(fresh.velocity(x, t, c), m.velocity(x, t, c), atol=1e-5)
 
@@ -86,9 +92,10 @@ def test_merged_state_dict_equals_adapter_forward():
     m = _model()
     from diffusers import QwenImageTransformer2DModel
 
-    plain = QwenImageTransformer2DModel.from_config(m.transformer.config)
+    plain = QwenImageTransformer2DModel.from_config(m.transformer.config).to(DEV)
     plain.load_state_dict(merged_state_dict(m.transformer))
-    x, c, t = torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4), torch.tensor([0.3, 0.8])
+    x, c, t = torch.randn(2, 16, 4, 4, device=DEV), torch.randn(2, 16, 4, 4, device=DEV), \
+        torch.tensor([0.3, 0.8], device=DEV)
     with torch.no_grad():
         with_lora = m.velocity(x, t, c)
         m.transformer = plain
@@ -134,11 +141,45 @@ def test_lora_sft_adapter_merges_into_another_model(tmp_path, demo_cache):
     assert not torch.allclose(a, plain, atol=1e-4)  # the adapter did learn something
 
 
-def test_fused_layer_follows_autocast():
+def test_kernel_layer_follows_autocast():
     m = _model()
-    use_fused_lora(m.transformer)
+    use_lora_kernel(m.transformer, "triton")
     layer = m.transformer.transformer_blocks[0].attn.to_q
-    x = torch.randn(3, layer.in_features)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    x = torch.randn(3, layer.in_features, device=DEV)
+    with torch.autocast(DEV, dtype=torch.bfloat16):
         y = layer(x)
     assert y.dtype == torch.bfloat16  # as F.linear under autocast
+
+
+def test_exported_adapter_loads_in_peft_and_diffusers_and_equals_our_merge(tmp_path):
+    """`save_lora` output through the standard clients: peft's PeftModel.from_pretrained and diffusers'
+    load_lora_adapter, each fused into the weights, equal `oars-fast merge` of the same folder."""
+    from diffusers import QwenImageTransformer2DModel
+    from peft import PeftModel
+
+    from oars_fast.models.lora import lora_deltas
+
+    m = _model()
+    save_lora(m.transformer, tmp_path / "lora")
+    base = build_tiny(ModelConfig(tiny={"num_layers": 1}), seed=0).transformer  # the weights the LoRA sits on
+    ours = {k: v.clone() for k, v in base.state_dict().items()}
+    for k, d in lora_deltas(tmp_path / "lora").items():
+        ours[k] = ours[k] + d
+
+    def fresh():
+        t = QwenImageTransformer2DModel.from_config(base.config)
+        t.load_state_dict(base.state_dict())
+        return t
+
+    peft_model = PeftModel.from_pretrained(fresh(), str(tmp_path / "lora")).merge_and_unload()
+    via_diffusers = fresh()
+    via_diffusers.load_lora_adapter(str(tmp_path / "lora"), weight_name="pytorch_lora_weights.safetensors",
+                                    adapter_name="oars")
+    via_diffusers.fuse_lora(lora_scale=1.0)
+    via_diffusers.unload_lora()
+    adapted = [k for k in ours if not torch.equal(ours[k], base.state_dict()[k])]
+    assert len(adapted) == 5  # the five target modules of the one block
+    for name, got in (("peft", peft_model.state_dict()), ("diffusers", via_diffusers.state_dict())):
+        assert set(got) == set(ours), name
+        for k in ours:
+            torch.testing.assert_close(got[k], ours[k], rtol=1e-5, atol=1e-6, msg=f"{name}: {k}")

@@ -1,13 +1,13 @@
 """Online RL on the tiny model (CPU): rollouts, grouping and filtering, adapters, EMA, learning.
 
-The LoRA runs through peft here (lora.fused=false): the fused op under the Triton interpreter is
+The LoRA runs through peft here (lora.kernel=peft): the fused op under the Triton interpreter is
 correct (test_lora.py) but far too slow for training loops on a CPU."""
 import pytest
 import torch
 
 from oars_fast.config import RLJob, SFTJob, load_config
 from oars_fast.stages.rl import RLStage
-from oars_fast.stages.sft import train_to_end
+from oars_fast.stages.sft import SFTStage
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,9 @@ def policy_base(tmp_path_factory, tiny_base, demo_cache):
                                      f"model.pretrained={tiny_base}", "degradation.kind=bicubic",
                                      "sft.latent_pool=256", "sft.steps=200", "optim.lr=2e-3", "sft.sample_every=0",
                                      "sft.save_every=0", "sft.timestep_sampling=uniform"])
-    train_to_end(job)
+    stage = SFTStage(job).setup()
+    stage.train()
+    stage.cleanup()
     return out / "b" / "model"
 
 
@@ -27,14 +29,15 @@ def _job(tmp_path, base, demo_cache, *overrides):
     return load_config(RLJob, None, [
         f"run.output_dir={tmp_path}", "run.name=rl", "run.device=cpu", "run.seed=0",
         f"data.demo_cache={demo_cache}", "data.crop_size=32", "degradation.kind=bicubic",
-        f"model.pretrained={base}", "lora.rank=4", "lora.alpha=8", "lora.fused=false", "optim.lr=2e-3", "reward.name=ssim",
+        f"model.pretrained={base}", "lora.rank=4", "lora.alpha=8", "lora.kernel=peft", "optim.lr=2e-3",
+        "reward.name=ssim",
         "rl.group_size=4", "rl.inputs_per_iter=2", "rl.rollout_steps=4", "rl.iterations=2", "rl.eval_inputs=4",
         "rl.probe_every=0", "rl.save_every=0", "rl.micro_batch=8", *overrides])
 
 
 def test_rollout_shapes_and_grouping(tmp_path, policy_base, demo_cache):
     st = RLStage(_job(tmp_path, policy_base, demo_cache)).setup()
-    lr, gt = st.eval_set["lr"][:3], st.eval_set["gt"][:3]
+    lr, gt = st.eval_set.lr[:3], st.eval_set.hr[:3]
     ro = st.rollout(lr, gt, seed=1)
     assert ro.x0.shape == (12, 16, 8, 8) and ro.images.shape == (12, 3, 32, 32) and ro.cond.shape == ro.x0.shape
     assert ro.group_index.tolist() == [0] * 4 + [1] * 4 + [2] * 4
@@ -76,7 +79,8 @@ def test_adapter_switching_and_old_policy_ema(tmp_path, policy_base, demo_cache)
         back = st.model.velocity(x, t, c)
     assert not torch.allclose(v_cur, v_old) and not torch.allclose(v_cur, v_ref) and not torch.allclose(v_old, v_ref)
     assert torch.equal(back, v_cur)  # each switch returns to the current adapter
-    assert all(p.requires_grad for p in pol.parameters()) and not any(o.requires_grad for o, _ in pol._pairs())
+    assert all(p.requires_grad for p in pol.named_parameters().values())
+    assert not any(o.requires_grad for o, _ in pol._pairs())
     before = [(o.clone(), c.clone()) for o, c in pol._pairs()]
     pol.ema_update(0.3)
     for (o0, c0), (o1, c1) in zip(before, pol._pairs()):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from oars_fast.config import SamplerConfig
-from oars_fast.models.sampler import (calculate_mu, euler_sample, per_sample_noise, sde_step, sigma_schedule)
+from oars_fast.models.sampler import calculate_mu, euler_sample, per_sample_noise, sde_step, sigma_schedule
 
 
 def _qwen_scheduler():

@@ -1,6 +1,6 @@
 """NVIDIA DALI data loading (``data.loader=dali``): read, decode, crop and flip off the Python workers.
 
-The loader keeps the torch loader's contract (:class:`~oars_fast.data.datasets.ShardedLoader`):
+The loader keeps the torch loader's contract (:class:`~oars_fast.data.loader.ShardedLoader`):
 
 * the same epoch permutation and per-rank sharding (rank ``k`` of ``W`` takes positions ``k, k + W,
   ...`` of the epoch's permutation, whole batches only), so the ranks together read the data set
@@ -15,12 +15,12 @@ The loader keeps the torch loader's contract (:class:`~oars_fast.data.datasets.S
   DALI's message, else by decoding the pending files one at a time), marked unusable, and the
   pipeline is rebuilt from the same batch.
 
-For each chunk of up to ``chunk`` (256) batches of an epoch, one DALI pipeline is built from this rank's file
-list: ``fn.readers.file`` (the list in order, no reader shuffling: the order is the permutation's), ``fn.decoders.image`` (``device="mixed"``
-on a GPU: nvJPEG; ``"cpu"`` otherwise), crops whose LR and HR windows are aligned exactly (integer
-LR offset, HR offset = scale x LR offset), flips applied alike, and the output through the DALI
-PyTorch iterator (on the GPU when decoding there). The crop offsets and flips are the data set's
-own per-sample draws (:meth:`~oars_fast.data.datasets._CropDataset.plan`, fed through
+For each chunk of up to ``chunk`` (256) batches of an epoch, one DALI pipeline is built from this rank's
+file list: ``fn.readers.file`` (the list in order, no reader shuffling: the order is the permutation's),
+``fn.decoders.image`` (``device="mixed"`` on a GPU: nvJPEG; ``"cpu"`` otherwise), crops whose LR and
+HR windows are aligned exactly (integer LR offset, HR offset = scale x LR offset), flips applied alike,
+and the output through the DALI PyTorch iterator (on the GPU when decoding there). The crop offsets and
+flips are the data set's own per-sample draws (:meth:`~oars_fast.data.datasets.CropDataset.plan`, fed through
 ``fn.external_source``), so DALI cuts the same crops as the torch loader: the batches agree up to
 the JPEG decoder (identical for PNG), and a resumed epoch continues with the same crops.
 Deviation: an image smaller than the crop with ``small_image=pad`` is padded with zeros here (the
@@ -29,20 +29,22 @@ torch loader reflects).
 from __future__ import annotations
 
 import logging
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
+from PIL import Image
 
-from ..config import DataConfig
-from .datasets import LoaderState, ShardedLoader, _CropDataset
+from ..errors import UserError
+from .datasets import CropDataset
+from .loader import LoaderState, ShardedLoader
 
 log = logging.getLogger(__name__)
 
 
-def dali_unavailable(cfg: DataConfig) -> str | None:
-    """Why DALI cannot serve `cfg` here (None: it can)."""
-    try:
+def dali_unavailable() -> str | None:
+    """Why DALI cannot be used here (None: it can)."""
+    try:  # optional and heavy: probed, not imported at module load
         import nvidia.dali  # noqa: F401
         from nvidia.dali.plugin.pytorch import DALIGenericIterator  # noqa: F401
     except ImportError as e:
@@ -52,8 +54,6 @@ def dali_unavailable(cfg: DataConfig) -> str | None:
 
 def _header_size(path) -> tuple[int, int] | None:
     """(width, height) from the file header, or None when the file is not a readable image."""
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             im.verify()
@@ -84,23 +84,21 @@ def _dali_decodes(path: str) -> bool:
 class DALILoader(ShardedLoader):
     """Endless, resumable iterator of per-rank batches decoded by DALI (see the module docstring)."""
 
-    def __init__(self, dataset: _CropDataset, micro_batch: int, seed: int, rank: int = 0, world: int = 1,
+    def __init__(self, dataset: CropDataset, micro_batch: int, seed: int, rank: int = 0, world: int = 1,
                  num_threads: int = 2, device_id: int | None = None, chunk: int = 256):
         super().__init__(dataset, micro_batch, seed, rank, world)
         self.num_threads, self.chunk = num_threads, chunk  # chunk: batches per pipeline
         self.device_id = device_id  # a GPU: nvJPEG decode and GPU outputs; None: CPU pipeline
         self._usable: dict[int, bool] = {}
         self._sizes: dict[int, tuple[int, int]] = {}
-        kind = type(dataset).__name__
-        self.keys = {"HRDataset": ("hr",), "LQDataset": ("lr",), "PairedDataset": ("lr", "hr")}[kind]
+        self.keys = dataset.keys
 
     # ------------------------------------------------------------------------------------------
     def _check(self, i: int) -> bool:
         """Whether file `i` can be used (header readable; big enough with small_image=skip). Cached."""
         if i not in self._usable:
-            cfg, files = self.dataset.cfg, self.dataset.files
-            paths = files[i] if isinstance(files[i], tuple) else (files[i],)
-            sizes = [_header_size(p) for p in paths]
+            cfg = self.dataset.cfg
+            sizes = [_header_size(p) for p in self.dataset.paths(i)]
             ok = all(sz is not None for sz in sizes)
             if ok:
                 self._sizes[i] = (sizes[0][1], sizes[0][0])  # (height, width) of the first image
@@ -114,10 +112,6 @@ class DALILoader(ShardedLoader):
             self._usable[i] = ok
         return self._usable[i]
 
-    def _path(self, i: int, k: int):
-        f = self.dataset.files[i]
-        return f[k] if isinstance(f, tuple) else f
-
     def _resolve(self, index: int) -> tuple[int, list[str]]:
         """The usable file standing in for `index` (the next usable one) and the skipped names."""
         n = len(self.dataset)
@@ -126,8 +120,8 @@ class DALILoader(ShardedLoader):
             i = (index + attempt) % n
             if self._check(i):
                 return i, skipped
-            skipped.append(str(self.dataset._name(i)))
-        raise RuntimeError(f"no usable image among the {n} files of this data set (first: {skipped[:3]})")
+            skipped.append(self.dataset.display_name(i))
+        raise UserError(f"no usable image among the {n} files of this data set (first: {skipped[:3]})")
 
     def _pipeline(self, files: list[list[str]], plans: list[np.ndarray]):
         from nvidia.dali import fn, pipeline_def, types
@@ -177,7 +171,7 @@ class DALILoader(ShardedLoader):
             # stand between a start (or resume) and the first batch
             resolved = [[self._resolve(i) for i in b] for b in batches[:self.chunk]]
             order = [i for b in resolved for i, _ in b]
-            files = [[str(self._path(i, k)) for i in order] for k in range(len(self.keys))]
+            files = [[str(self.dataset.paths(i)[k]) for i in order] for k in range(len(self.keys))]
             plans = [np.array(self.dataset.plan(i, *self._sizes[i]), dtype=np.int32) for i in order]
             start = self.state.batch
             try:
@@ -196,7 +190,7 @@ class DALILoader(ShardedLoader):
         (named in DALI's message, else by decoding each file of `batches` alone with DALI), mark it
         unusable; re-raise the error if no file is to blame."""
         pending = [i for b in batches for i, _ in b]
-        paths = {i: [str(self._path(i, k)) for k in range(len(self.keys))] for i in pending}
+        paths = {i: [str(p) for p in self.dataset.paths(i)] for i in pending}
         msg = str(error)
         bad = [i for i in pending if any(f in msg for f in paths[i])]
         if not bad:
@@ -205,22 +199,18 @@ class DALILoader(ShardedLoader):
             raise error
         for i in sorted(set(bad)):  # a replacement file can stand in twice
             self._usable[i] = False
-            log.warning("DALI could not decode %s: skipped from now on", self.dataset._name(i))
+            log.warning("DALI could not decode %s: skipped from now on", self.dataset.display_name(i))
 
     def _batches(self, resolved, it) -> Iterator[dict]:
         """The batches of one pipeline, as dicts like the torch loader's."""
         for b, (out,) in zip(resolved, it):
             self.state.batch += 1
             skipped = [p for _, sk in b for p in sk]
-            new = sorted(set(skipped) - self.skipped_files)
-            if new:
-                self.skipped_files.update(new)
-                log.warning("skipped %d unusable file(s), replaced by the next readable one: %s "
-                            "(unusable so far: %d)", len(new), ", ".join(new[:5]), self.skipped_total)
+            self.note_skipped(skipped)
             batch = {k: out[k].float().div_(255) for k in self.keys}
             idx = [i for i, _ in b]
             batch["index"] = torch.tensor(idx)
             batch["seed"] = torch.tensor([self.dataset.sample_seed(i) for i in idx], dtype=torch.int64)
-            batch["path"] = [str(self.dataset._name(i)) for i in idx]
+            batch["path"] = [self.dataset.display_name(i) for i in idx]
             batch["skipped"] = skipped
             yield batch

@@ -1,4 +1,5 @@
-"""Training data sets: HR folder, paired LR/HR folders, LQ folder; seeded crops; the loader.
+"""Training data sets: HR folder, paired LR/HR folders, LQ folder; seeded crops. (Loaders:
+:mod:`.loader` and :mod:`.dali`; which one a config names: :mod:`.build`.)
 
 A sample is a dict of tensors in [0, 1]:
 
@@ -22,16 +23,16 @@ from __future__ import annotations
 
 import abc
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ..config import DataConfig
+from ..errors import MissingFileError, UserError
 from .images import ImageReadError, load_image, scan_images
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,13 @@ def reflect_pad_to(img: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return img
 
 
-class _CropDataset(Dataset, abc.ABC):
-    """Shared machinery: per-sample RNG, skip-and-replace of unusable files."""
+class CropDataset(Dataset, abc.ABC):
+    """Shared machinery: per-sample RNG, skip-and-replace of unusable files.
+
+    `keys`: the images of a sample, in the order of :meth:`paths` (the first is the one whose grid the
+    crop plan is drawn on)."""
+
+    keys: tuple[str, ...] = ()
 
     def __init__(self, files: list[Any], cfg: DataConfig, seed: int):
         self.files = files
@@ -82,23 +88,29 @@ class _CropDataset(Dataset, abc.ABC):
         for attempt in range(len(self.files)):
             i = (index + attempt) % len(self.files)
             if i in self._bad:
-                skipped.append(str(self._name(i)))
+                skipped.append(self.display_name(i))
                 continue
             try:
                 sample = self._load(i, self._rng(i))
             except ImageReadError as e:
                 log.warning("skipping unusable image: %s", e)
                 self._bad.add(i)
-                skipped.append(str(self._name(i)))
+                skipped.append(self.display_name(i))
                 continue
             # a per-sample seed for the randomness that happens later, on device (degradation, t, noise)
             sample.update(index=index, skipped=skipped, seed=self.sample_seed(i))
             return sample
-        raise RuntimeError(f"no usable image among the {len(self.files)} files of this data set "
+        raise UserError(f"no usable image among the {len(self.files)} files of this data set "
                            f"(all skipped; first: {skipped[:3]})")
 
-    def _name(self, i: int) -> Any:
-        return self.files[i]
+    def paths(self, i: int) -> tuple[Path, ...]:
+        """The files of sample `i`, in the order of `keys`."""
+        f = self.files[i]
+        return tuple(f) if isinstance(f, tuple) else (f,)
+
+    def display_name(self, i: int) -> str:
+        """How sample `i` is named in logs (its HR file for pairs)."""
+        return str(self.paths(i)[-1])
 
     def _flips(self, rng: np.random.Generator) -> tuple[bool, bool]:
         if not self.cfg.flip:
@@ -141,8 +153,10 @@ class _CropDataset(Dataset, abc.ABC):
         return reflect_pad_to(img, size, size)
 
 
-class HRDataset(_CropDataset):
+class HRDataset(CropDataset):
     """Random HR crops; the LR is synthesised later by the (batched, on-device) degradation."""
+
+    keys = ("hr",)
 
     def _load(self, index: int, rng: np.random.Generator) -> dict:
         path = self.files[index]
@@ -153,8 +167,10 @@ class HRDataset(_CropDataset):
         return {"hr": hr, "path": str(path)}
 
 
-class LQDataset(_CropDataset):
+class LQDataset(CropDataset):
     """Random crops of real low-quality inputs (no ground truth) of side crop_size/scale."""
+
+    keys = ("lr",)
 
     def crop_side(self) -> int:
         return self.cfg.crop_size // self.cfg.scale
@@ -168,11 +184,10 @@ class LQDataset(_CropDataset):
         return {"lr": lr, "path": str(path)}
 
 
-class PairedDataset(_CropDataset):
+class PairedDataset(CropDataset):
     """Real LR/HR pairs matched by file stem; the HR crop is aligned with the LR crop at `scale`."""
 
-    def _name(self, i: int) -> Any:
-        return self.files[i][1]
+    keys = ("lr", "hr")
 
     def crop_side(self) -> int:
         return self.cfg.crop_size // self.cfg.scale
@@ -201,24 +216,11 @@ def match_pairs(lr_dir: str | Path, hr_dir: str | Path) -> list[tuple[Path, Path
     hr_by_stem = {p.stem: p for p in hr_files}
     pairs = [(p, hr_by_stem[p.stem]) for p in lr_files if p.stem in hr_by_stem]
     if not pairs:
-        raise FileNotFoundError(f"no LR file in {lr_dir} has an HR file of the same stem in {hr_dir}")
+        raise MissingFileError(f"no LR file in {lr_dir} has an HR file of the same stem in {hr_dir}")
     unmatched = len(lr_files) + len(hr_files) - 2 * len(pairs)
     if unmatched:
         log.warning("%d files in %s / %s have no partner of the same stem and are ignored", unmatched, lr_dir, hr_dir)
     return pairs
-
-
-def build_dataset(cfg: DataConfig, seed: int) -> _CropDataset:
-    """The data set named by `cfg.source` (the demo set is built on first use)."""
-    if cfg.source == "demo":
-        from .demo import demo_dataset_dir
-
-        return HRDataset(scan_images(demo_dataset_dir(cfg.demo_cache, cfg.demo_patch) / "train"), cfg, seed)
-    if cfg.source == "hr":
-        return HRDataset(scan_images(cfg.hr_dir), cfg, seed)
-    if cfg.source == "paired":
-        return PairedDataset(match_pairs(cfg.lr_dir, cfg.hr_dir), cfg, seed)
-    return LQDataset(scan_images(cfg.lq_dir), cfg, seed)
 
 
 def collate(samples: list[dict]) -> dict:
@@ -233,87 +235,3 @@ def collate(samples: list[dict]) -> dict:
     return out
 
 
-@dataclass
-class LoaderState:
-    """Where the loader stands: resumable exactly."""
-
-    epoch: int = 0
-    batch: int = 0  # batches already consumed in this epoch (this rank)
-
-
-class ShardedLoader:
-    """Endless, resumable iterator of per-rank batches.
-
-    Each epoch draws one global permutation from ``(seed, epoch)``; rank ``k`` of ``world`` takes
-    every ``world``-th index, cut into per-rank batches of ``micro_batch`` (an incomplete tail is
-    dropped so every rank sees the same number of batches). With one rank and the global batch,
-    this yields exactly the union of what ``world`` ranks would see.
-    """
-
-    def __init__(self, dataset: _CropDataset, micro_batch: int, seed: int, rank: int = 0, world: int = 1,
-                 num_workers: int = 0):
-        if len(dataset) < micro_batch * world:
-            log.warning("data set has %d samples, fewer than one global batch (%d): samples repeat",
-                        len(dataset), micro_batch * world)
-        self.dataset, self.micro_batch, self.seed = dataset, micro_batch, seed
-        self.rank, self.world, self.num_workers = rank, world, num_workers
-        self.state = LoaderState()
-        self.skipped_files: set[str] = set()  # every unusable file met so far
-
-    @property
-    def skipped_total(self) -> int:
-        return len(self.skipped_files)
-
-    def _epoch_batches(self, epoch: int) -> list[list[int]]:
-        n = len(self.dataset)
-        per_epoch = max(n, self.micro_batch * self.world)
-        perm = np.concatenate([np.random.default_rng((self.seed, epoch, r)).permutation(n)
-                               for r in range(-(-per_epoch // n))])[:per_epoch]
-        mine = perm[self.rank::self.world]
-        nb = len(mine) // self.micro_batch
-        return [mine[i * self.micro_batch:(i + 1) * self.micro_batch].tolist() for i in range(nb)]
-
-    def batches_per_epoch(self) -> int:
-        return len(self._epoch_batches(0))
-
-    def __iter__(self) -> Iterator[dict]:
-        while True:
-            epoch = self.state.epoch
-            self.dataset.set_epoch(epoch)
-            batches = self._epoch_batches(epoch)[self.state.batch:]
-            loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
-                                collate_fn=collate, persistent_workers=False)
-            for batch in loader:
-                self.state.batch += 1
-                new = sorted(set(batch["skipped"]) - self.skipped_files)
-                if new:
-                    self.skipped_files.update(new)
-                    log.warning("skipped %d unusable file(s), replaced by the next readable one: %s "
-                                "(unusable so far: %d)", len(new), ", ".join(new[:5]), self.skipped_total)
-                yield batch
-            self.state = LoaderState(epoch=epoch + 1, batch=0)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.state.epoch, "batch": self.state.batch, "skipped_files": sorted(self.skipped_files)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.state = LoaderState(epoch=int(state["epoch"]), batch=int(state["batch"]))
-        self.skipped_files = set(state.get("skipped_files", []))
-
-
-def build_loader(dataset: _CropDataset, cfg: DataConfig, micro_batch: int, seed: int, rank: int = 0,
-                 world: int = 1, device: torch.device | str | None = None):
-    """The loader named by ``cfg.loader``: :class:`ShardedLoader` (torch) or the DALI pipeline (decoding
-    on `device` when it is a GPU, on the CPU otherwise), which falls back to the torch loader, saying
-    why, when DALI is not installed."""
-    if cfg.loader == "dali":
-        from .dali import DALILoader, dali_unavailable
-
-        why = dali_unavailable(cfg)
-        if why is None:
-            device = torch.device(device) if device is not None else torch.device("cpu")
-            gpu = device.index if device.index is not None else 0
-            return DALILoader(dataset, micro_batch, seed, rank, world, num_threads=max(1, cfg.num_workers),
-                              device_id=gpu if device.type == "cuda" else None)
-        log.warning("data.loader=dali: %s; using the torch loader instead", why)
-    return ShardedLoader(dataset, micro_batch, seed, rank, world, num_workers=cfg.num_workers)

@@ -3,11 +3,11 @@
 The x4plus recipe (Wang et al., 2021), every part of it, with per-sample random parameters:
 
 1. blur with a random kernel of odd size 7..21: isotropic / anisotropic Gaussian, generalized
-   Gaussian, plateau (all with rotation), or a 2-D sinc (ringing) filter with ``sinc_prob``;
-2. resize up / down / keep (``resize_prob``, ``resize_range``) with area, bilinear or bicubic;
-3. Gaussian (``noise_range``) or Poisson (``poisson_scale_range``) noise, colour or gray;
-4. JPEG compression with quality in ``jpeg_range``;
-5. the second pass: blur with ``second_blur_prob``, resize, noise, with their own ranges;
+   Gaussian, plateau (all with rotation), or a 2-D sinc (ringing) filter with ``first.sinc_prob``;
+2. resize up / down / keep (``first.resize_prob``, ``first.resize_range``) with area, bilinear or bicubic;
+3. Gaussian (``first.noise_range``) or Poisson (``first.poisson_scale_range``) noise, colour or gray;
+4. JPEG compression with quality in ``first.jpeg_range``;
+5. the second pass (``second.*``): blur with ``second.blur_prob``, resize, noise, with its own ranges;
 6. final step in random order: [resize to HR/scale + sinc filter (``final_sinc_prob``), JPEG] or
    [JPEG, resize + sinc];
 7. rounding to 8-bit (1/255 steps).
@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..config import DegradationConfig
+from ..config import DegradationConfig, DegradationPass
 
 KERNEL_PAD = 21  # every kernel is zero-padded to this size (the largest kernel)
 _MODES = ("area", "bilinear", "bicubic")
@@ -125,16 +125,13 @@ def random_kernel(draw: _Draw, kind: str, size: int, sigma: list[float], betag: 
     return bivariate_kernel(size, sx, sy, theta)
 
 
-def _blur_kernel(draw: _Draw, cfg: DegradationConfig, second: bool) -> tuple[str, torch.Tensor]:
+def _blur_kernel(draw: _Draw, cfg: DegradationConfig, stage: DegradationPass) -> tuple[str, torch.Tensor]:
     size = draw.choice(cfg.kernel_range)
-    if draw.chance(cfg.sinc_prob2 if second else cfg.sinc_prob):
+    if draw.chance(stage.sinc_prob):
         omega = draw.uniform(math.pi / 3, math.pi) if size < 13 else draw.uniform(math.pi / 5, math.pi)
         return "sinc", _pad_kernel(sinc_kernel(size, omega))
     kind = draw.choice(cfg.kernel_list, cfg.kernel_prob)
-    if second:
-        k = random_kernel(draw, kind, size, cfg.blur_sigma2, cfg.betag_range2, cfg.betap_range2)
-    else:
-        k = random_kernel(draw, kind, size, cfg.blur_sigma, cfg.betag_range, cfg.betap_range)
+    k = random_kernel(draw, kind, size, stage.blur_sigma, stage.betag_range, stage.betap_range)
     return kind, _pad_kernel(k)
 
 
@@ -263,17 +260,17 @@ class RealESRGANDegradation:
         """All random choices of one sample (kernels as float64 (21, 21) tensors)."""
         cfg = self.cfg
         p: dict[str, Any] = {}
-        p["kind1"], p["kernel1"] = _blur_kernel(draw, cfg, second=False)
-        p["resize1"] = self._resize_choice(draw, cfg.resize_prob, cfg.resize_range)
-        p["noise1"] = self._noise_choice(draw, cfg.gaussian_noise_prob, cfg.noise_range, cfg.poisson_scale_range,
-                                         cfg.gray_noise_prob)
-        p["jpeg1"] = draw.uniform(*cfg.jpeg_range)
-        p["blur2"] = draw.chance(cfg.second_blur_prob)
-        p["kind2"], p["kernel2"] = _blur_kernel(draw, cfg, second=True)
-        p["resize2"] = self._resize_choice(draw, cfg.resize_prob2, cfg.resize_range2)
-        p["noise2"] = self._noise_choice(draw, cfg.gaussian_noise_prob2, cfg.noise_range2, cfg.poisson_scale_range2,
-                                         cfg.gray_noise_prob2)
-        p["jpeg2"] = draw.uniform(*cfg.jpeg_range2)
+        one, two = cfg.first, cfg.second
+        p["blur1"] = one.blur_prob >= 1 or draw.chance(one.blur_prob)  # certain: no draw (x4plus always blurs)
+        p["kind1"], p["kernel1"] = _blur_kernel(draw, cfg, one)
+        p["resize1"] = self._resize_choice(draw, one)
+        p["noise1"] = self._noise_choice(draw, one)
+        p["jpeg1"] = draw.uniform(*one.jpeg_range)
+        p["blur2"] = draw.chance(two.blur_prob)
+        p["kind2"], p["kernel2"] = _blur_kernel(draw, cfg, two)
+        p["resize2"] = self._resize_choice(draw, two)
+        p["noise2"] = self._noise_choice(draw, two)
+        p["jpeg2"] = draw.uniform(*two.jpeg_range)
         if draw.chance(cfg.final_sinc_prob):
             size = draw.choice(cfg.kernel_range)
             p["kind3"], p["kernel3"] = "sinc", _pad_kernel(sinc_kernel(size, draw.uniform(math.pi / 3, math.pi)))
@@ -284,18 +281,18 @@ class RealESRGANDegradation:
         return p
 
     @staticmethod
-    def _resize_choice(draw: _Draw, prob: list[float], rng: list[float]) -> tuple[float, str]:
-        kind = draw.choice(["up", "down", "keep"], prob)
+    def _resize_choice(draw: _Draw, stage: DegradationPass) -> tuple[float, str]:
+        rng = stage.resize_range
+        kind = draw.choice(["up", "down", "keep"], stage.resize_prob)
         scale = {"up": lambda: draw.uniform(1.0, rng[1]), "down": lambda: draw.uniform(rng[0], 1.0),
                  "keep": lambda: 1.0}[kind]()
         return scale, draw.choice(_MODES)
 
     @staticmethod
-    def _noise_choice(draw: _Draw, p_gauss: float, sigma: list[float], poisson: list[float],
-                      p_gray: float) -> tuple[str, float, bool]:
-        if draw.chance(p_gauss):
-            return "gaussian", draw.uniform(*sigma), draw.chance(p_gray)
-        return "poisson", draw.uniform(*poisson), draw.chance(p_gray)
+    def _noise_choice(draw: _Draw, stage: DegradationPass) -> tuple[str, float, bool]:
+        if draw.chance(stage.gaussian_noise_prob):
+            return "gaussian", draw.uniform(*stage.noise_range), draw.chance(stage.gray_noise_prob)
+        return "poisson", draw.uniform(*stage.poisson_scale_range), draw.chance(stage.gray_noise_prob)
 
     @staticmethod
     def _noise(img: torch.Tensor, choice: tuple[str, float, bool], gen: torch.Generator) -> torch.Tensor:
@@ -309,7 +306,7 @@ class RealESRGANDegradation:
         h, w = hr.shape[-2:]
         s = self.scale
         # first order
-        out = filter2d(hr, p["kernel1"])
+        out = filter2d(hr, p["kernel1"]) if p.get("blur1", True) else hr
         scale, mode = p["resize1"]
         out = resize(out, (h * scale, w * scale), mode)
         out = self._noise(out, p["noise1"], gen)
@@ -343,3 +340,24 @@ class RealESRGANDegradation:
         gen = draw.device_gen(x.device)
         lr = torch.cat([self.degrade_one(x[i:i + 1], p, gen) for i, p in enumerate(params)]).to(dtype)
         return (lr, params) if return_params else lr
+
+
+class Degrader:
+    """HR batch -> LR batch on the HR's device, as a stage configures it: the Real-ESRGAN chain
+    (``degradation.kind=realesrgan``) or plain bicubic downsampling with 8-bit rounding (``bicubic``)."""
+
+    def __init__(self, cfg: DegradationConfig, scale: int):
+        self.kind, self.scale = cfg.kind, scale
+        self.chain = RealESRGANDegradation(cfg, scale)
+
+    def __call__(self, hr: torch.Tensor, generator: torch.Generator | None = None,
+                 seeds: list[int] | None = None) -> torch.Tensor:
+        """`seeds`: one per image, each image degraded from its own seed (rank-independent); else the
+        draws come from `generator`."""
+        if self.kind == "bicubic":
+            lr = F.interpolate(hr, scale_factor=1 / self.scale, mode="bicubic", align_corners=False, antialias=True)
+            return (lr.clamp(0, 1) * 255).round() / 255
+        if seeds is None:
+            return self.chain(hr, generator=generator)
+        return torch.cat([self.chain(hr[i:i + 1], generator=torch.Generator().manual_seed(int(sd)))
+                          for i, sd in enumerate(seeds)])

@@ -23,7 +23,7 @@ _VERSION = 1
 
 def demo_photos() -> dict[str, np.ndarray]:
     """The bundled colour photos as (H, W, 3) uint8 arrays, by name."""
-    import skimage.data
+    import skimage.data  # heavy and only needed for the demo set: imported when it is built
     from sklearn.datasets import load_sample_images
 
     photos = {name: getattr(skimage.data, name)() for name in _SKIMAGE_PHOTOS}

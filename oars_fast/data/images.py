@@ -6,7 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
+
+from ..errors import MissingFileError
 
 log = logging.getLogger(__name__)
 
@@ -21,11 +24,11 @@ def scan_images(folder: str | Path, recursive: bool = True) -> list[Path]:
     """All image files under `folder`, sorted. Raises with the folder named if it is missing or empty."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
-        raise FileNotFoundError(f"image folder {folder} does not exist or is not a folder")
+        raise MissingFileError(f"image folder {folder} does not exist or is not a folder")
     pattern = "**/*" if recursive else "*"
     files = sorted(p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
-        raise FileNotFoundError(f"image folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        raise MissingFileError(f"image folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     return files
 
 
@@ -81,8 +84,6 @@ def _format_of(path: Path) -> str:
 
 def make_grid(rows: list[list[torch.Tensor]], pad: int = 2) -> torch.Tensor:
     """Tile images (3, h, w) into one (3, H, W) grid; each is resized (nearest) to the row's largest."""
-    import torch.nn.functional as F
-
     h = max(im.shape[-2] for row in rows for im in row)
     w = max(im.shape[-1] for row in rows for im in row)
     ncol = max(len(r) for r in rows)

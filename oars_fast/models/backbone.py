@@ -22,9 +22,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
 from safetensors.torch import load_file, save_file
 
 from ..config import ModelConfig
+from ..errors import MissingFileError
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ class PromptEmbedding:
                   str(path))
 
     @classmethod
-    def load(cls, path: Path) -> "PromptEmbedding":
+    def load(cls, path: Path) -> PromptEmbedding:
         t = load_file(str(path))
         return cls(t["prompt_embeds"], t["prompt_mask"])
 
@@ -171,8 +173,6 @@ def _set_attention_backend(transformer: nn.Module, backend: str) -> None:
 
 def build_tiny(cfg: ModelConfig, seed: int = 0, scale: int = 4) -> SRBackbone:
     """A tiny random-weight model of the production architecture (CPU demo and tests)."""
-    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
-
     torch.manual_seed(seed)
     tcfg = {**TINY_TRANSFORMER, **cfg.tiny}
     transformer = QwenImageTransformer2DModel(**tcfg)
@@ -185,12 +185,12 @@ def build_tiny(cfg: ModelConfig, seed: int = 0, scale: int = 4) -> SRBackbone:
 
 def encode_prompt_with_text_encoder(pretrained: str, prompt: str, device: torch.device) -> PromptEmbedding:
     """Embed `prompt` once with the checkpoint's own text encoder (Qwen2.5-VL) via diffusers' pipeline."""
-    from diffusers import QwenImagePipeline
+    from diffusers import QwenImagePipeline  # heavy (transformers' Qwen2.5-VL): only when a prompt is embedded
 
     try:
         pipe = QwenImagePipeline.from_pretrained(pretrained, transformer=None, vae=None, torch_dtype=torch.bfloat16)
     except (OSError, ValueError) as e:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"cannot load the text encoder of {pretrained} to embed the SR prompt ({e}). Either place the checkpoint "
             f"with its text_encoder/ and tokenizer/ folders there (huggingface-cli download {pretrained}), or give "
             f"model.prompt_embeds=<file with prompt_embeds/prompt_mask tensors>.") from None
@@ -216,12 +216,15 @@ def load_backbone(cfg: ModelConfig, scale: int = 4, device: torch.device | str =
     if cfg.pretrained is None:
         model = build_tiny(cfg, seed, scale)
     else:
-        from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
-
         src = cfg.pretrained
         local = Path(src).expanduser()
+        hub_id = not local.is_absolute() and not src.startswith((".", "~")) and src.count("/") == 1
+        if not local.exists() and not hub_id:
+            raise MissingFileError(f"model folder {local} does not exist (model.pretrained / infer.checkpoint: a "
+                                   f"diffusers folder with transformer/ and vae/, or a hub id like "
+                                   f"Qwen/Qwen-Image-Edit-2509)")
         if local.exists() and not (local / "transformer").is_dir():
-            raise FileNotFoundError(f"{local} is not a diffusers checkpoint folder: expected {local}/transformer/ "
+            raise MissingFileError(f"{local} is not a diffusers checkpoint folder: expected {local}/transformer/ "
                                     f"and {local}/vae/ (as written by save_pretrained or the hub layout)")
         src = str(local) if local.exists() else src
         try:
@@ -229,9 +232,10 @@ def load_backbone(cfg: ModelConfig, scale: int = 4, device: torch.device | str =
                 src, subfolder="transformer", torch_dtype=torch.float32 if train_dtype else dtype)
             vae = AutoencoderKLQwenImage.from_pretrained(src, subfolder="vae")
         except OSError as e:
-            raise FileNotFoundError(
-                f"cannot load the model weights of {src!r}: {e}. Expected a diffusers folder with transformer/ and vae/ "
-                f"(e.g. `huggingface-cli download Qwen/Qwen-Image-Edit-2509 --local-dir DIR`, then model.pretrained=DIR)."
+            raise MissingFileError(
+                f"cannot load the model weights of {src!r}: {str(e).splitlines()[0]} Expected a diffusers folder with transformer/ and "
+                f"vae/ (e.g. `huggingface-cli download Qwen/Qwen-Image-Edit-2509 --local-dir DIR`, then "
+                f"model.pretrained=DIR)."
             ) from None
         if cfg.prompt_embeds:
             prompt = PromptEmbedding.load(Path(cfg.prompt_embeds).expanduser())

@@ -32,11 +32,10 @@ def sample_timesteps(n: int, mode: str, generator: torch.Generator, seq_len: int
 
 
 def flow_matching_loss(model, x0: torch.Tensor, cond: torch.Tensor, t: torch.Tensor,
-                       eps: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """Mean squared velocity error. Returns (loss, detached stats)."""
+                       eps: torch.Tensor) -> torch.Tensor:
+    """Mean squared velocity error (a float32 scalar)."""
     tb = t.view(-1, *([1] * (x0.ndim - 1)))
     x_t = (1 - tb) * x0 + tb * eps
     v = eps - x0
     pred = model.velocity(x_t, t, cond).float()
-    loss = (pred - v).pow(2).mean()
-    return loss, {"loss": loss.detach()}
+    return (pred - v).pow(2).mean()

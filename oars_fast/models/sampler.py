@@ -19,13 +19,16 @@ SDE) noise from its own seed, so a sample is the same whatever batch it is run i
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from ..config import SamplerConfig
+from ..runtime.device import autocast
+from ..runtime.seeding import derive_seeds
 
+SDE_NOISE = 1  # derive_seeds tag of the SDE steps' noise
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (B,...), sigma (B,)) -> v
 
 
@@ -91,12 +94,12 @@ def sde_step(x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float, 
 
 @torch.no_grad()
 def euler_sample(velocity: VelocityFn, noise: torch.Tensor, sigmas: torch.Tensor, sde: bool = False,
-                 noise_level: float = 0.7, seeds: list[int] | None = None, keep_trajectory: bool = False,
-                 progress: Callable[[int], None] | None = None) -> SampleResult:
+                 noise_level: float = 0.7, seeds: list[int] | None = None,
+                 keep_trajectory: bool = False) -> SampleResult:
     """Integrate from `noise` (sigma = 1) to data with the given sigmas (N + 1 values ending at 0).
 
-    SDE steps draw per-sample noise from ``seeds[i] + 1000003 * (step + 1)``; the last step
-    (to sigma = 0) is always deterministic.
+    SDE step ``i`` draws sample ``b``'s noise from ``derive_seeds([seeds[b]], SDE_NOISE, i)``; the last
+    step (to sigma = 0) is always deterministic.
     """
     x = noise.float()
     b = x.shape[0]
@@ -110,15 +113,13 @@ def euler_sample(velocity: VelocityFn, noise: torch.Tensor, sigmas: torch.Tensor
         if sde and s_next > 0:
             if seeds is None:
                 raise ValueError("SDE sampling needs per-sample seeds")
-            eps = per_sample_noise(tuple(x.shape[1:]), [sd + 1000003 * (i + 1) for sd in seeds], x.device)
+            eps = per_sample_noise(tuple(x.shape[1:]), derive_seeds(seeds, SDE_NOISE, i), x.device)
             x, lp = sde_step(x, v, s, s_next, sigma_max, noise_level, eps)
             log_probs.append(lp)
         else:
             x = x + (s_next - s) * v
         if keep_trajectory:
             traj.append(x.clone())
-        if progress is not None:
-            progress(i)
     lps = torch.stack(log_probs, 1) if log_probs else None
     return SampleResult(x, traj, lps, sigmas)
 
@@ -132,13 +133,7 @@ def sample_sr(model, lr: torch.Tensor, cfg: SamplerConfig, seeds: list[int], aut
         c, h, w = cond.shape[1:]
         sigmas = sigma_schedule(steps, (h // 2) * (w // 2), cfg)
         noise = per_sample_noise((c, h, w), seeds, lr.device)
-        with _autocast(lr.device, autocast_dtype):
+        with autocast(lr.device, autocast_dtype):
             res = euler_sample(lambda x, s: model.velocity(x, s, cond), noise, sigmas, sde=cfg.sde,
                                noise_level=cfg.noise_level, seeds=seeds)
         return model.decode(res.x0)
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None or dtype == torch.float32:
-        return torch.autocast(device_type=torch.device(device).type, enabled=False)
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)

@@ -1,6 +1,10 @@
 """Rewards: the RewardFn protocol, DISTS (FR), classical stand-ins, (later) COMPASS (NR)."""
-from .base import DISTSReward, RewardFn
+import importlib
+
+from ..errors import MissingFileError
+from .base import RewardFn
 from .classical import LRConsistencyReward, SSIMReward, ssim
+from .dists import DISTS, DISTSReward
 
 __all__ = ["RewardFn", "DISTSReward", "SSIMReward", "LRConsistencyReward", "ssim", "build_reward"]
 
@@ -8,15 +12,11 @@ __all__ = ["RewardFn", "DISTSReward", "SSIMReward", "LRConsistencyReward", "ssim
 def build_reward(cfg, device):
     """The RewardFn named by a RewardConfig."""
     if cfg.name == "dists":
-        from .dists import DISTS
-
         if not cfg.dists_vgg or not cfg.dists_weights:
-            raise FileNotFoundError("reward.name=dists needs reward.dists_vgg (VGG16 weights in torchvision's layout) "
+            raise MissingFileError("reward.name=dists needs reward.dists_vgg (VGG16 weights in torchvision's layout) "
                                     "and reward.dists_weights (DISTS alpha/beta weights.pt)")
         return DISTSReward(DISTS(cfg.dists_vgg, cfg.dists_weights).to(device), cfg.batch_size)
     if cfg.name == "custom":
-        import importlib
-
         module, attr = cfg.custom.split(":", 1)
         return getattr(importlib.import_module(module), attr)(device)
     if cfg.name == "ssim":

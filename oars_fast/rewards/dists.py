@@ -21,6 +21,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from ..errors import MissingFileError
 
 CHANNELS = (3, 64, 128, 256, 512, 512)
 # (features index, in, out) of every VGG16 conv; stages end at relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
@@ -39,10 +42,8 @@ def _load(src: str | Path | dict, what: str) -> dict:
         return src
     path = Path(src).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"DISTS {what} file {path} not found: expected {_HOW_TO_GET}")
+        raise MissingFileError(f"DISTS {what} file {path} not found: expected {_HOW_TO_GET}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path))
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -75,7 +76,8 @@ class DISTS(nn.Module):
                 raise KeyError(f"DISTS: the VGG16 weights lack features.{idx}.weight/bias; expected {_HOW_TO_GET}") \
                     from None
             if tuple(w.shape) != (cout, cin, 3, 3):
-                raise ValueError(f"DISTS: features.{idx}.weight has shape {tuple(w.shape)}, expected {(cout, cin, 3, 3)}")
+                raise ValueError(f"DISTS: features.{idx}.weight has shape {tuple(w.shape)}, "
+                                 f"expected {(cout, cin, 3, 3)}")
             conv.weight.data.copy_(w)
             conv.bias.data.copy_(b)
             convs[idx] = conv
@@ -132,3 +134,22 @@ class DISTS(nn.Module):
         fg = self.features(gt)
         fy = [f[group_index] for f in fg]
         return self.distance(fx, fy)
+
+
+class DISTSReward:
+    """Full-reference reward ``1 - DISTS(SR, GT)``; each ground truth's VGG features once per group."""
+
+    name = "dists"
+
+    def __init__(self, dists: DISTS, batch_size: int = 32):
+        self.dists = dists
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def __call__(self, lr, sr, gt, group_index):
+        if gt is None:
+            raise ValueError("the DISTS reward is full-reference: this data set has no ground truth "
+                             "(use mode=nr with a no-reference reward)")
+        d = torch.cat([self.dists.group_distance(sr[i:i + self.batch_size], gt, group_index[i:i + self.batch_size])
+                       for i in range(0, sr.shape[0], self.batch_size)])
+        return (1 - d).clamp(0, 1).float(), {"dists": d.float()}

@@ -5,18 +5,24 @@ rank's DeepSpeed shards and ``rank_N.pt``, rank 0's consolidated safetensors) pl
 ``training_state.pt`` and a ``COMPLETE`` marker written last, after everything else is fsynced. A
 crash mid-save leaves only a ``.tmp`` folder, which is ignored (and removed by the next save), so
 the previous checkpoint stays the newest complete one.
+
+Training state and per-rank files hold tensors and plain data only (numbers, strings, lists, dicts;
+RNG states included) and are read with ``torch.load(weights_only=True)``: a checkpoint from
+elsewhere cannot run code when it is opened. A file that needs more is refused with a message.
 """
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
+from ..errors import UserError
 from .distributed import Dist, barrier
 from .faults import maybe_fail
 
@@ -45,14 +51,14 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 
 def save_checkpoint(root: str | Path, step: int, write: Callable[[Path], None], state: dict, keep: int = 2,
-                    dist: Dist = Dist(), write_every_rank: Callable[[Path], None] | None = None) -> Path:
+                    dist: Dist | None = None, write_every_rank: Callable[[Path], None] | None = None) -> Path:
     """Write checkpoint `step` atomically; every rank calls it.
 
     1. rank 0 makes ``step_N.tmp``; 2. every rank runs `write_every_rank(tmp)` (DeepSpeed shards,
     per-rank RNG); 3. rank 0 runs `write(tmp)` (consolidated weights), saves `state`, fsyncs, writes
     the marker and renames the folder to ``step_N``; older checkpoints beyond `keep` are pruned.
     """
-    root = Path(root)
+    root, dist = Path(root), dist or Dist()
     final = root / f"step_{step:06d}"
     tmp = root / f"step_{step:06d}.tmp"
     if dist.main:
@@ -88,7 +94,18 @@ def rank_file(folder: Path, rank: int) -> Path:
 
 
 def load_state(folder: str | Path) -> dict:
-    return torch.load(Path(folder) / STATE, map_location="cpu", weights_only=False)
+    """The training state of a checkpoint folder (rank 0's)."""
+    return load_safely(Path(folder) / STATE)
+
+
+def load_safely(path: str | Path) -> dict:
+    """A checkpoint file of tensors and plain data, without unpickling anything else (no code runs)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(f"refusing to load {path}: it holds objects other than tensors and plain data, and "
+                        f"unpickling them could run code ({str(e).splitlines()[0]}). Only load checkpoints "
+                        f"written by oars-fast.") from None
 
 
 def _fsync_dir(path: Path, only: str | None = None) -> None:

@@ -17,9 +17,14 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..config import launched_world
+from .device import select_device
 
 log = logging.getLogger(__name__)
+
+
+def launched_world() -> int:
+    """Processes started by the launcher (``WORLD_SIZE``; 1 when run plainly)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 @dataclass(frozen=True)
@@ -45,14 +50,8 @@ def init(device_name: str, need_group: bool = False) -> tuple[Dist, torch.device
     world = launched_world()
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device=cuda but no CUDA device is visible; use run.device=cpu or auto")
-    use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
-    if use_cuda:
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
+    device = select_device(device_name, local)
+    use_cuda = device.type == "cuda"
     if (world > 1 or need_group) and not dist.is_initialized():
         if world == 1:  # a one-process group, e.g. to run the DeepSpeed engine without a launcher
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -60,7 +59,7 @@ def init(device_name: str, need_group: bool = False) -> tuple[Dist, torch.device
             os.environ.setdefault("RANK", "0")
             os.environ.setdefault("LOCAL_RANK", "0")
             os.environ.setdefault("WORLD_SIZE", "1")
-        import deepspeed
+        import deepspeed  # optional and heavy: only when a process group is needed
 
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False,
                                    verbose=False)
@@ -85,9 +84,9 @@ def barrier() -> None:
 
 
 def all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """In-place all-reduce (sum | max | min) of a tensor; returns it."""
+    """In-place all-reduce (sum | max) of a tensor; returns it."""
     if active():
-        dist.all_reduce(x, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+        dist.all_reduce(x, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
     return x
 
 
@@ -110,8 +109,10 @@ def interleave(x: torch.Tensor) -> torch.Tensor:
     return g.transpose(0, 1).reshape(-1, *x.shape[1:])
 
 
-def shutdown() -> None:
-    """Leave the process group (ZeRO-3 aborts at interpreter exit otherwise)."""
+def shutdown(clean: bool = True) -> None:
+    """Leave the process group (ZeRO-3 aborts at interpreter exit otherwise). `clean=False` after an
+    error: no barrier (the other ranks may never reach it)."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()

@@ -11,10 +11,10 @@ import time
 import torch
 
 from ..config import DataJob, save_config
-from ..data.datasets import build_dataset, build_loader
-from ..data.degrade import RealESRGANDegradation
+from ..data.build import build_dataset, build_loader
+from ..data.degrade import Degrader
 from ..data.images import make_grid, save_image
-from ..runtime.common import pick_device
+from ..runtime.device import select_device
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +23,8 @@ def run(job: DataJob, max_batches: int = 8) -> int:
     run_dir = job.run.run_dir
     save_config(job, run_dir / "config.yaml")
     ds = build_dataset(job.data, job.run.seed)
-    loader = build_loader(ds, job.data, job.data.batch_size, job.run.seed, device=pick_device(job.run.device))
-    deg = RealESRGANDegradation(job.degradation, job.data.scale)
+    loader = build_loader(ds, job.data, job.data.batch_size, job.run.seed, device=select_device(job.run.device))
+    deg = Degrader(job.degradation, job.data.scale)
     gen = torch.Generator().manual_seed(job.run.seed)
     n = min(max_batches, loader.batches_per_epoch())
     t0 = time.perf_counter()
@@ -35,11 +35,11 @@ def run(job: DataJob, max_batches: int = 8) -> int:
             batch["lr"] = deg(batch["hr"], generator=gen)
         first = first or batch
     dt = time.perf_counter() - t0
-    print(f"data: source={job.data.source} loader={type(loader).__name__} files={len(ds)} batches_read={n} "
-          f"batch={job.data.batch_size} "
-          f"skipped={loader.skipped_total} time={dt:.2f}s ({n * job.data.batch_size / max(dt, 1e-9):.1f} samples/s)")
     rows = [[im for im in (first.get("lr", [None] * 99)[i], first.get("hr", [None] * 99)[i]) if im is not None]
             for i in range(min(4, len(first["path"])))]
-    save_image(make_grid(rows), run_dir / "samples" / "data_preview.png")
-    print(f"data: preview (LR | HR) written to {run_dir / 'samples' / 'data_preview.png'}")
+    preview = run_dir / "samples" / "data_preview.png"
+    save_image(make_grid(rows), preview)
+    print(f"data: source={job.data.source} loader={type(loader).__name__} files={len(ds)} batches_read={n} "
+          f"batch={job.data.batch_size} skipped={loader.skipped_total} time={dt:.2f}s "
+          f"({n * job.data.batch_size / max(dt, 1e-9):.1f} samples/s); preview (LR | HR) in {preview}")
     return 0

@@ -1,12 +1,12 @@
-"""`oars-fast base`: the demo's stand-in for a pretrained base checkpoint (tiny model only).
+"""`oars-fast demo-base`: the demo's stand-in for a pretrained base checkpoint (tiny model only).
 
 A randomly initialised model cannot stand in for a *pretrained* base: RL explores from the base,
 and merging the RL delta into the SFT weights only means what it means at scale when SFT itself
 started from that base. So the demo makes a small base first:
 
 1. VAE: the tiny ``AutoencoderKLQwenImage`` learns to reconstruct HR crops (L1 + MSE, a light KL
-   on the posterior; AdamW, warm-up then cosine decay); its latent statistics are then measured and written to its config
-   (``latents_mean`` / ``latents_std``), as the production VAE ships them.
+   on the posterior; AdamW, warm-up then cosine decay); its latent statistics are then measured and
+   written to its config (``latents_mean`` / ``latents_std``), as the production VAE ships them.
 2. Transformer: generic flow-matching pre-training on a clean task, 4x *bicubic* downsampling
    (``degradation.kind=bicubic``), through the same SFT loop.
 
@@ -22,16 +22,20 @@ import time
 
 import torch
 
-from ..config import BaseJob
-from ..data.datasets import ShardedLoader, build_dataset
+from ..config import DemoBaseJob
+from ..data.build import build_dataset
+from ..data.loader import ShardedLoader
+from ..errors import UserError
 from ..models.backbone import SRBackbone, build_tiny
-from ..runtime.common import pick_device, seed_everything
-from .sft import train_to_end
+from ..runtime.device import select_device
+from ..runtime.seeding import derive_seed, seed_everything
+from .runner import run_stage
+from .sft import SFTStage
 
 log = logging.getLogger(__name__)
 
 
-def pretrain_vae(model: SRBackbone, job: BaseJob, device: torch.device) -> list[float]:
+def pretrain_vae(model: SRBackbone, job: DemoBaseJob, device: torch.device) -> list[float]:
     """Train the tiny VAE as an autoencoder; then set its latent normalisation from data."""
     cfg = job.vae
     vae = model.vae
@@ -41,7 +45,8 @@ def pretrain_vae(model: SRBackbone, job: BaseJob, device: torch.device) -> list[
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
     data = dataclasses.replace(job.data, crop_size=cfg.crop_size)
-    loader = iter(ShardedLoader(build_dataset(data, job.run.seed + 7), cfg.batch_size, job.run.seed + 7))
+    seed = derive_seed(job.run.seed, 7)
+    loader = iter(ShardedLoader(build_dataset(data, seed), cfg.batch_size, seed))
     losses = []
     t0 = time.perf_counter()
     for step in range(1, cfg.steps + 1):
@@ -74,21 +79,48 @@ def pretrain_vae(model: SRBackbone, job: BaseJob, device: torch.device) -> list[
     return losses
 
 
-def run(job: BaseJob) -> int:
-    if job.model.pretrained is not None:
-        raise SystemExit("oars-fast base builds the tiny demo base; model.pretrained must be null "
-                         "(production runs start from the real checkpoint and skip this stage)")
-    device = pick_device(job.run.device)
-    seed_everything(job.run.seed)
-    run_dir = job.run.run_dir
-    model = build_tiny(job.model, job.run.seed, job.data.scale).to(device)
-    vae_losses = pretrain_vae(model, job, device)
-    init_dir = run_dir / "init"
-    model.save_pretrained(init_dir)
-    print(f"base: VAE reconstruction loss {vae_losses[0]:.4f} -> {vae_losses[-1]:.4f}")
-    # generic transformer pre-training through the SFT loop, starting from the folder just written
-    sft_job = dataclasses.replace(job, model=dataclasses.replace(job.model, pretrained=str(init_dir)))
-    losses = train_to_end(sft_job)
-    print(f"base: generic pre-training loss {losses[0]:.4f} -> {losses[-1]:.4f}; base model in {run_dir / 'model'}")
-    return 0
+class DemoBaseStage:
+    """1. the tiny VAE (in ``setup``, written to <run>/init), 2. generic pre-training of the transformer
+    through the SFT loop (``train``), which exports <run>/model."""
 
+    def __init__(self, job: DemoBaseJob):
+        if job.model.pretrained is not None:
+            raise UserError("oars-fast demo-base builds the tiny demo base; model.pretrained must be null "
+                            "(production runs start from the real checkpoint and skip this stage)")
+        self.job = job
+        self.sft: SFTStage | None = None
+        self.vae_losses: list[float] = []
+
+    def setup(self) -> DemoBaseStage:
+        job = self.job
+        device = select_device(job.run.device)
+        seed_everything(job.run.seed)
+        model = build_tiny(job.model, job.run.seed, job.data.scale).to(device)
+        self.vae_losses = pretrain_vae(model, job, device)
+        init_dir = job.run.run_dir / "init"
+        model.save_pretrained(init_dir)
+        log.info("demo-base: VAE reconstruction loss %.4f -> %.4f", self.vae_losses[0], self.vae_losses[-1])
+        # generic transformer pre-training through the SFT loop, starting from the folder just written
+        sft_job = dataclasses.replace(job, model=dataclasses.replace(job.model, pretrained=str(init_dir)))
+        self.sft = SFTStage(sft_job).setup()
+        return self
+
+    def train(self) -> list[float]:
+        return self.sft.train()
+
+    def save_checkpoint(self):
+        return self.sft.save_checkpoint()
+
+    def cleanup(self) -> None:
+        if self.sft is not None:
+            self.sft.cleanup()
+
+    def summary(self) -> str:
+        losses = self.sft.history
+        return (f"demo-base: VAE reconstruction loss {self.vae_losses[0]:.4f} -> {self.vae_losses[-1]:.4f}; generic "
+                f"pre-training loss {losses[0]:.4f} -> {losses[-1]:.4f}; base model in "
+                f"{self.job.run.run_dir / 'model'}")
+
+
+def run(job: DemoBaseJob) -> int:
+    return run_stage(DemoBaseStage(job))

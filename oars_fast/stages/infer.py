@@ -9,18 +9,21 @@ Launch: ``oars-fast infer --config configs/demo/infer.yaml infer.input=DIR infer
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from ..config import InferJob, save_config
 from ..data.images import IMAGE_EXTENSIONS, ImageReadError, load_image, save_image, scan_images
+from ..errors import MissingFileError, UserError
 from ..models.backbone import DTYPES, SRBackbone, load_backbone
 from ..models.sampler import sample_sr
-from ..runtime.common import pick_device
+from ..runtime.device import select_device
 
 log = logging.getLogger(__name__)
 
@@ -99,27 +102,23 @@ def _inputs(path: Path) -> list[Path]:
         return [path]
     if path.is_dir():
         return scan_images(path)
-    raise FileNotFoundError(f"infer.input={path} is neither an image file nor a folder")
+    raise MissingFileError(f"infer.input={path} is neither an image file nor a folder")
 
 
 def run(job: InferJob) -> int:
-    from tqdm import tqdm
-
     cfg = job.infer
     if not cfg.input:
-        raise SystemExit("oars-fast infer: set infer.input=<LR image or folder>")
-    device = pick_device(job.run.device)
+        raise UserError("oars-fast infer: set infer.input=<LR image or folder>")
+    files = _inputs(Path(cfg.input).expanduser())
+    device = select_device(job.run.device)
     model_cfg = job.model
     if cfg.checkpoint:
-        import dataclasses
-
         model_cfg = dataclasses.replace(job.model, pretrained=cfg.checkpoint)
     model = load_backbone(model_cfg, job.scale, device, job.run.seed)
     model.eval()
     out_dir = Path(cfg.output) if cfg.output else job.run.run_dir / "sr"
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(job, job.run.run_dir / "infer_config.yaml")
-    files = _inputs(Path(cfg.input).expanduser())
     sr_fn = SuperResolver(model, job)
     done, skipped = 0, []
     for i, f in enumerate(tqdm(files, desc="infer", disable=None)):

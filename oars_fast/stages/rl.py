@@ -57,21 +57,30 @@ import torch
 from safetensors.torch import load_file
 
 from ..config import RLJob, per_rank
-from ..data.datasets import ShardedLoader, build_dataset, build_loader
-from ..data.images import load_image, make_grid, save_image, scan_images
+from ..data.build import build_dataset, build_loader
+from ..data.degrade import Degrader
+from ..data.heldout import held_out
+from ..data.images import make_grid, save_image
+from ..errors import UserError
 from ..kernels import group_advantages, nft_loss_with_stats
 from ..models.backbone import DTYPES, SRBackbone, load_backbone
-from ..models.lora import PolicyAdapters, save_lora, use_fused_lora
-from ..models.sampler import _autocast, euler_sample, per_sample_noise, sde_step, sigma_schedule
+from ..models.lora import PolicyAdapters, save_lora, use_lora_kernel
+from ..models.merge import merge_into_folder
+from ..models.sampler import euler_sample, per_sample_noise, sde_step, sigma_schedule
 from ..rewards import build_reward
 from ..runtime import distributed
-from ..runtime.common import derive_seeds, memory_gib, seed_rank, start_run
-from ..runtime.engine import Trainer
-from ..runtime.faults import maybe_fail
+from ..runtime.device import autocast, memory_gib
+from ..runtime.engine import OptimizerEngine
 from ..runtime.logger import StepLogger
-from .sft import Degrader
+from ..runtime.run import start_run
+from ..runtime.seeding import derive_seed, derive_seeds, seed_rank
+from .runner import TrainingLoop, run_stage
 
 log = logging.getLogger(__name__)
+
+# derive_seeds tags: each random draw from its own stream
+_DEGRADE, _ROLLOUT, _UPDATE, _NOISE = 0, 1, 2, 3
+_EVAL_SEED, _PROBE_SEED = 4242, 31337  # fixed candidates for the held-out evaluation and the probe grid
 
 
 @dataclass
@@ -89,14 +98,25 @@ class Rollout:
     log_probs: torch.Tensor | None  # (B, N - 1) transition log-probs under the old policy (SDE)
 
 
-class RLStage:
+class RLStage(TrainingLoop):
+    log_format = {"eta": ".3g"}
+
     def __init__(self, job: RLJob):
         self.job = job
+        self.name = f"rl {job.rl.mode}"
         self.step = 0
-        self.history: list[dict] = []
+        self.history: list[dict] = []  # the stats of every iteration
+        self.eval_before = self.eval_after = float("nan")
+
+    @property
+    def total_steps(self) -> int:
+        return self.job.rl.iterations
+
+    def cadence(self) -> tuple[int, int]:
+        return self.job.rl.log_every, self.job.rl.save_every
 
     # ------------------------------------------------------------------------------------------
-    def setup(self) -> "RLStage":
+    def setup(self) -> RLStage:
         job, rl = self.job, self.job.rl
         self.dist, self.device, self.run_dir = start_run(job, job.deepspeed)
         d = self.dist
@@ -104,42 +124,30 @@ class RLStage:
         # the base is frozen: kept in model.dtype; the LoRA weights are float32 (add_lora)
         self.model: SRBackbone = load_backbone(job.model, job.data.scale, self.device, job.run.seed)
         self.policy = PolicyAdapters(self.model.transformer, job.lora, init_from=rl.init_lora)
-        if job.lora.fused:
-            use_fused_lora(self.model.transformer)
+        use_lora_kernel(self.model.transformer, job.lora.kernel)
         self.params = self.policy.named_parameters()
         self.groups = per_rank(rl.inputs_per_iter, d.world, 1, "rl.inputs_per_iter")  # groups on this rank
-        self.trainer = Trainer(self.model.transformer, self.params, job.optim, rl.iterations, job.deepspeed, d,
-                               self.device, self.groups * rl.group_size, 1, job.model.dtype)
+        self.engine = OptimizerEngine(self.model.transformer, self.params, optim=job.optim, total_steps=rl.iterations,
+                                      ds=job.deepspeed, dist=d, device=self.device,
+                                      micro_batch=self.groups * rl.group_size, model_dtype=job.model.dtype)
         self.reward_fn = build_reward(job.reward, self.device)
         log.info("rl: mode %s, objective %s, reward %s, K=%d, %d-step rollouts, %d group(s) x %d rank(s)", rl.mode,
                  rl.objective, self.reward_fn.name, rl.group_size, rl.rollout_steps, self.groups, d.world)
         self.dataset = build_dataset(job.data, job.run.seed)
         self.loader = build_loader(self.dataset, job.data, self.groups, job.run.seed, d.rank, d.world,
                                    self.device)
-        self.degrade = Degrader(job)
-        self.logger = StepLogger(self.run_dir, "rl", enabled=d.main)
-        self.eval_set = self._eval_set()
+        self.degrade = Degrader(job.degradation, job.data.scale)
+        self.logger = StepLogger(self.run_dir, "rl", enabled=d.main, interval=job.run.log_interval)
+        # held-out inputs: the evaluation's and the probe grid's
+        self.eval_set = held_out(job.data, self.dataset, self.degrade, rl.eval_inputs, self.device) \
+            if rl.eval_inputs else None
         seed_rank(job.run.seed, self.dist)  # before a resume, which restores each rank's own RNG
         if job.run.resume:
             self._resume()
+        if self.step == 0:
+            self.eval_before = self.evaluate()
         self._iter = iter(self.loader)
         return self
-
-    def _eval_set(self) -> dict:
-        """Held-out inputs (demo: val patches; else the first files), LR made with a fixed seed."""
-        job = self.job
-        n, c = job.rl.eval_inputs, job.data.crop_size
-        if n == 0:
-            return {}
-        if job.data.source == "demo":
-            files = scan_images(Path(self.dataset.files[0]).parents[1] / "val")[:n]
-            hr = torch.stack([load_image(f)[:, :c, :c] for f in files]).to(self.device)
-            return {"lr": self.degrade(hr, torch.Generator(self.device).manual_seed(777)), "gt": hr}
-        batch = next(iter(ShardedLoader(self.dataset, n, job.run.seed + 99)))
-        if "hr" in batch and "lr" not in batch:
-            hr = batch["hr"].to(self.device)
-            return {"lr": self.degrade(hr, torch.Generator(self.device).manual_seed(777)), "gt": hr}
-        return {"lr": batch["lr"].to(self.device), "gt": batch["hr"].to(self.device) if "hr" in batch else None}
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -157,9 +165,9 @@ class RLStage:
         c, h, w = cond.shape[1:]
         sigmas = sigma_schedule(rl.rollout_steps, (h // 2) * (w // 2), self.job.sampler)
         groups = list(range(g)) if groups is None else groups
-        seeds = [seed * 100003 + gi * k + c for gi in groups for c in range(k)]
+        seeds = derive_seeds([gi * k + c for gi in groups for c in range(k)], seed)
         noise = per_sample_noise((c, h, w), seeds, self.device)
-        with self.policy.use(policy), _autocast(self.device, self.autocast_dtype):
+        with self.policy.use(policy), autocast(self.device, self.autocast_dtype):
             res = euler_sample(lambda x, s: self.model.velocity(x, s, cond), noise, sigmas, sde=sde,
                                noise_level=rl.noise_level, seeds=seeds, keep_trajectory=sde)
         images = torch.cat([self.model.decode(res.x0[i:i + 32]) for i in range(0, g * k, 32)])
@@ -170,17 +178,17 @@ class RLStage:
         return self.reward_fn(ro.lr, ro.images, ro.gt, ro.group_index)
 
     @torch.no_grad()
-    def evaluate(self, seed: int = 4242) -> float:
+    def evaluate(self, seed: int = _EVAL_SEED) -> float:
         """Mean reward of the current policy on the held-out inputs: 4 candidates each, fixed seeds,
         deterministic ODE (the same sampler for every objective, so runs compare)."""
-        if not self.eval_set or not self.dist.main:
+        if self.eval_set is None or not self.dist.main:
             return float("nan")
-        ro = self.rollout(self.eval_set["lr"], self.eval_set["gt"], seed, policy="current", k=4, sde=False)
+        ro = self.rollout(self.eval_set.lr, self.eval_set.hr, seed, policy="current", k=4, sde=False)
         return float(self.score(ro)[0].mean())
 
     # ------------------------------------------------------------------------------------------
     def _v(self, x_t, t, cond, policy: str | None) -> torch.Tensor:
-        with _autocast(self.device, self.autocast_dtype):
+        with autocast(self.device, self.autocast_dtype):
             if policy is None:
                 return self.model.velocity(x_t, t, cond)
             with torch.no_grad(), self.policy.use(policy):
@@ -211,10 +219,10 @@ class RLStage:
         for n, (tau, sl) in enumerate(items):
             j, real = self._rows(idx, sl)
             x0, cond, rr = ro.x0[j], ro.cond[j], r[j]
-            seeds = derive_seeds(ids[j].tolist(), self.job.run.seed, self.step, tau)
+            seeds = derive_seeds(ids[j].tolist(), self.job.run.seed, _UPDATE, self.step, tau)
             t = torch.tensor([float(torch.rand((), generator=torch.Generator().manual_seed(sd))) for sd in seeds],
                              device=self.device).clamp(1e-3, 1 - 1e-3)
-            eps = per_sample_noise(tuple(x0.shape[1:]), derive_seeds(seeds, 1), self.device)
+            eps = per_sample_noise(tuple(x0.shape[1:]), derive_seeds(seeds, _NOISE), self.device)
             tb = t.view(-1, 1, 1, 1)
             x_t, v_target = (1 - tb) * x0 + tb * eps, eps - x0
             v_old = self._v(x_t, t, cond, "old")
@@ -222,7 +230,7 @@ class RLStage:
             v_theta = self._v(x_t, t, cond, None)
             loss, st = nft_loss_with_stats(v_theta, v_old, v_target, t, rr, rl.beta, v_ref, rl.kl_weight)
             w = len(j) / n_terms if real else 0.0
-            self.trainer.backward(loss * (w * self.dist.world), last=n == len(items) - 1)
+            self.engine.backward(loss * (w * self.dist.world), last=n == len(items) - 1)
             sums["loss"] += float(loss.detach()) * w
             for key in ("pos", "neg", "kl"):
                 sums[key] += float(st[key]) * w
@@ -260,7 +268,7 @@ class RLStage:
                 kl = (v - v_ref).pow(2).mean()
                 loss = loss + rl.kl_weight * kl
             w = len(j) / n_terms if real else 0.0
-            self.trainer.backward(loss * (w * self.dist.world), last=n == len(items) - 1)
+            self.engine.backward(loss * (w * self.dist.world), last=n == len(items) - 1)
             sums["loss"] += float(loss.detach()) * w
             sums["kl"] += float(kl.detach()) * w
             sums["ratio"] += float(ratio.detach().mean()) * w
@@ -275,13 +283,13 @@ class RLStage:
         if "lr" in batch:
             lr = batch["lr"].to(self.device)
         else:
-            lr = self.degrade(batch["hr"].to(self.device), seeds=derive_seeds(batch["seed"].tolist(), 0))
+            lr = self.degrade(batch["hr"].to(self.device), seeds=derive_seeds(batch["seed"].tolist(), _DEGRADE))
         gt = batch["hr"].to(self.device) if (rl.mode == "fr" and "hr" in batch) else None
         groups = [d.rank + d.world * j for j in range(len(lr))]  # global group positions of this rank
         ids = torch.tensor([g * k + c for g in groups for c in range(k)], device=self.device)
         # 1. rollout (old policy, no grad); each group stays on its rank
         t1 = time.perf_counter()
-        ro = self.rollout(lr, gt, seed=job.run.seed * 1000003 + self.step + 1, groups=groups)
+        ro = self.rollout(lr, gt, seed=derive_seed(job.run.seed, _ROLLOUT, self.step), groups=groups)
         # 2. reward
         t2 = time.perf_counter()
         local_scores, parts = self.score(ro)
@@ -293,18 +301,20 @@ class RLStage:
         r, keep = (x.view(-1, d.world, k)[:, d.rank].flatten() for x in (r_all, keep_all))  # this rank's groups
         idx = keep.nonzero().flatten()
         # 4. update (current adapter)
-        stats: dict = {}
+        stats: dict = {"lr": self.engine.lr}
         finite = bool(torch.isfinite(scores).all())
+        nonfinite = not finite
         if bool(keep_all.any()) and finite:
-            stats = self.update_nft(ro, r, idx, ids) if rl.objective == "nft" else \
-                self.update_flow_grpo(ro, r, idx, ids)
-            stats["grad_norm"], stepped = self.trainer.step()
-            if not (stepped and math.isfinite(stats["loss"])):
+            stats.update(self.update_nft(ro, r, idx, ids) if rl.objective == "nft" else
+                         self.update_flow_grpo(ro, r, idx, ids))
+            stats["grad_norm"], stepped = self.engine.step()
+            nonfinite = not (stepped and math.isfinite(stats["loss"]))
+            if nonfinite:
                 log.warning("rl iteration %d: non-finite loss/grad: update skipped", self.step + 1)
         else:
             if not finite:
                 log.warning("rl iteration %d: non-finite rewards: update skipped", self.step + 1)
-            self.trainer.skip()
+            self.engine.skip()
         self.step += 1
         # 5. old policy <- EMA of the current one (whole LoRA on every rank: the same result everywhere)
         eta = rl.eta(self.step)
@@ -317,44 +327,29 @@ class RLStage:
                "r_mean": float(r_all.mean()), "r_std": float(r_all.std(unbiased=False)), **stats, "eta": eta,
                "rollout_img/s": n / (t2 - t1), "train_samples/s": int(keep_all.sum()) / max(t4 - t3, 1e-9),
                "data_s": t1 - t0, "rollout_s": t2 - t1, "reward_s": t3 - t2, "train_s": t4 - t3,
-               "mem_GiB": memory_gib(self.device), "samples": n * self.step}
+               "mem_GiB": memory_gib(self.device), "samples": n * self.step, "nonfinite": int(nonfinite)}
         out.update({f"reward_part/{key}": float(distributed.all_reduce(v.float().mean().reshape(1)) / d.world)
                     for key, v in parts.items()})
+        self.history.append(out)
         return out
 
-    def train(self, until: int | None = None) -> list[dict]:
-        rl = self.job.rl
-        end = min(rl.iterations, until) if until is not None else rl.iterations
-        from tqdm import tqdm
+    train_step = train_iteration
 
-        bar = tqdm(total=end, initial=self.step, desc=f"rl {rl.mode}", disable=None if self.dist.main else True,
-                   leave=False)
-        while self.step < end:
-            maybe_fail("train", self.step + 1)
-            stats = self.train_iteration()
-            self.history.append(stats)
-            bar.update(1)
-            if rl.eval_every and self.step % rl.eval_every == 0:
-                stats["eval_reward"] = self.evaluate()
-            if rl.log_every and (self.step % rl.log_every == 0 or self.step == 1):
-                self.logger.step(self.step, stats, {"eta": ".3g"})
-            if rl.probe_every and self.step % rl.probe_every == 0:
-                self.write_probe()
-            if (rl.save_every and self.step % rl.save_every == 0) or self.step == rl.iterations:
-                self.save_checkpoint()
-        bar.close()
-        if self.step >= rl.iterations:
-            self.export()
-        return self.history
+    def after_step(self, stats: dict) -> None:
+        rl = self.job.rl
+        if rl.eval_every and self.step % rl.eval_every == 0:
+            stats["eval_reward"] = self.evaluate()
+        if rl.probe_every and self.step % rl.probe_every == 0:
+            self.write_probe()
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def write_probe(self) -> Path | None:
         """Candidates of the current policy for the first held-out input: LR | K candidates | GT."""
-        if not self.eval_set or not self.dist.main:
+        if self.eval_set is None or not self.dist.main:
             return None
-        lr, gt = self.eval_set["lr"][:1], self.eval_set["gt"]
-        ro = self.rollout(lr, gt[:1] if gt is not None else None, seed=31337, policy="current",
+        lr, gt = self.eval_set.lr[:1], self.eval_set.hr
+        ro = self.rollout(lr, gt[:1] if gt is not None else None, seed=_PROBE_SEED, policy="current",
                           k=min(8, self.job.rl.group_size), sde=False)
         row = [lr[0], *ro.images] + ([gt[0]] if gt is not None else [])
         grid = make_grid([row])
@@ -367,57 +362,51 @@ class RLStage:
         """Every rank calls: DeepSpeed shards + per-rank RNG; rank 0: both adapters (current and old)."""
         tr = self.model.transformer
         lora_state = {k: v.detach().float().cpu().contiguous() for k, v in tr.state_dict().items() if "lora_" in k}
-        state = {"step": self.step, "loader": self.loader.state_dict(), "history": self.history}
-        return self.trainer.save_checkpoint(self.run_dir / "checkpoints", self.step, lora_state,
+        state = {"step": self.step, "loader": self.loader.state_dict(), "history": self.history,
+                 "eval_before": self.eval_before}
+        return self.engine.save_checkpoint(self.run_dir / "checkpoints", self.step, lora_state,
                                             "adapters.safetensors", state, self.job.rl.keep_checkpoints)
 
     def _resume(self) -> None:
-        opened = self.trainer.open_checkpoint(self.run_dir / "checkpoints", "adapters.safetensors")
+        opened = self.engine.open_checkpoint(self.run_dir / "checkpoints", "adapters.safetensors")
         if opened is None:
             return
         folder, state, _ = opened
         weights = load_file(str(folder / "adapters.safetensors"))  # current and old adapter
         own = {k: v for k, v in self.model.transformer.state_dict(keep_vars=True).items() if "lora_" in k}
         if set(own) != set(weights):
-            raise RuntimeError(f"checkpoint {folder} holds other LoRA tensors than this model (another lora config?)")
+            raise UserError(f"checkpoint {folder} holds other LoRA tensors than this model (another lora config?)")
         with torch.no_grad():
             for k, p in own.items():
                 p.copy_(weights[k].to(p.device, p.dtype))
         self.step = int(state["step"])
         self.loader.load_state_dict(state["loader"])
         self.history = list(state.get("history", []))
+        self.eval_before = float(state.get("eval_before", float("nan")))
         log.info("resumed from %s (iteration %d)", folder, self.step)
 
     def export(self) -> None:
-        """The trained (current) LoRA in peft layout -> <run>/lora; merged into rl.sft_model -> <run>/merged
-        (rank 0)."""
+        """At the end (rank 0): the held-out evaluation and probe of the trained policy; the trained (current)
+        LoRA in peft layout -> <run>/lora; merged into rl.sft_model -> <run>/merged."""
         if not self.dist.main:
             return
+        self.eval_after = self.evaluate()
+        self.write_probe()
         save_lora(self.model.transformer, self.run_dir / "lora", PolicyAdapters.CURRENT)
         if self.job.rl.sft_model:
-            from ..config import MergeConfig, MergeJob
-            from .merge import run as merge_run
-
-            merge_run(MergeJob(run=self.job.run, merge=MergeConfig(model=self.job.rl.sft_model,
-                                                                   lora=str(self.run_dir / "lora"),
-                                                                   output=str(self.run_dir / "merged"))))
+            n = merge_into_folder(self.job.rl.sft_model, self.run_dir / "lora", self.run_dir / "merged")
+            log.info("%d LoRA layers merged into %s -> %s", n, self.job.rl.sft_model, self.run_dir / "merged")
 
     def cleanup(self) -> None:
-        self.logger.close()
+        if hasattr(self, "logger"):
+            self.logger.close()
+
+    def summary(self) -> str:
+        job = self.job
+        return (f"rl ({job.rl.mode}, {job.rl.objective}, reward {self.reward_fn.name}): {self.step} iterations; "
+                f"held-out mean reward {self.eval_before:.4f} -> {self.eval_after:.4f}; LoRA in "
+                f"{self.run_dir / 'lora'}")
 
 
 def run(job: RLJob) -> int:
-    stage = RLStage(job).setup()
-    try:
-        before = stage.evaluate()
-        history = stage.train()
-        after = stage.evaluate()
-        stage.write_probe()
-    finally:
-        stage.cleanup()
-    distributed.shutdown()
-    if not stage.dist.main:
-        return 0
-    print(f"rl ({job.rl.mode}, {job.rl.objective}, reward {stage.reward_fn.name}): {len(history)} iterations; "
-          f"held-out mean reward {before:.4f} -> {after:.4f}; LoRA in {job.run.run_dir / 'lora'}")
-    return 0
+    return run_stage(RLStage(job))

@@ -43,47 +43,38 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from diffusers import QwenImageTransformer2DModel
 from safetensors.torch import load_file
 
 from ..config import SFTJob, per_rank
-from ..data.datasets import ShardedLoader, build_dataset, build_loader
-from ..data.degrade import RealESRGANDegradation
-from ..data.images import load_image, make_grid, save_image, scan_images
-from ..models.backbone import DTYPES, SRBackbone, load_backbone
+from ..data.build import build_dataset, build_loader
+from ..data.degrade import Degrader
+from ..data.heldout import held_out
+from ..data.images import make_grid, save_image
+from ..data.loader import ShardedLoader
+from ..errors import UserError
+from ..models.backbone import DTYPES, PromptEmbedding, SRBackbone, load_backbone
 from ..models.flow import flow_matching_loss, sample_timesteps
-from ..models.lora import add_lora, merged_state_dict, save_lora, use_fused_lora
-from ..models.sampler import _autocast, per_sample_noise, sample_sr
+from ..models.lora import add_lora, merged_state_dict, save_lora, use_lora_kernel
+from ..models.sampler import per_sample_noise, sample_sr
 from ..runtime import distributed
-from ..runtime.common import EMA, derive_seeds, memory_gib, seed_rank, start_run
-from ..runtime.engine import Trainer, deepspeed_bf16, use_deepspeed
-from ..runtime.faults import maybe_fail
+from ..runtime.device import autocast, memory_gib
+from ..runtime.engine import OptimizerEngine, deepspeed_bf16, use_deepspeed
 from ..runtime.logger import StepLogger
+from ..runtime.optim import EMA
+from ..runtime.run import start_run
+from ..runtime.seeding import derive_seed, derive_seeds, seed_rank
+from .runner import TrainingLoop, run_stage
 
 log = logging.getLogger(__name__)
 
-
-class Degrader:
-    """HR batch -> LR batch on the HR's device: Real-ESRGAN chain or plain bicubic."""
-
-    def __init__(self, job: SFTJob):
-        self.kind, self.scale = job.degradation.kind, job.data.scale
-        self.deg = RealESRGANDegradation(job.degradation, job.data.scale)
-
-    def __call__(self, hr: torch.Tensor, generator: torch.Generator | None = None,
-                 seeds: list[int] | None = None) -> torch.Tensor:
-        """`seeds`: one per image, each image degraded from its own seed (rank-independent)."""
-        if self.kind == "bicubic":
-            lr = F.interpolate(hr, scale_factor=1 / self.scale, mode="bicubic", align_corners=False, antialias=True)
-            return (lr.clamp(0, 1) * 255).round() / 255
-        if seeds is None:
-            return self.deg(hr, generator=generator)
-        return torch.cat([self.deg(hr[i:i + 1], generator=torch.Generator().manual_seed(int(sd)))
-                          for i, sd in enumerate(seeds)])
+# derive_seeds tags: each random draw of a step from its own stream
+_DEGRADE, _TIME, _NOISE, _POOL = 0, 1, 2, 3
 
 
 def per_sample_timesteps(seeds: list[int], job: SFTJob, seq_len: int, device: torch.device) -> torch.Tensor:
@@ -93,14 +84,29 @@ def per_sample_timesteps(seeds: list[int], job: SFTJob, seq_len: int, device: to
                                        sft.logit_mean, sft.logit_std, job.sampler) for sd in seeds]).to(device)
 
 
-class SFTStage:
+class SFTStage(TrainingLoop):
+    name = "sft"
+    log_format = {"lr": ".3g", "samples/s": ".2f", "step_s": ".3f", "data_s": ".3f", "train_s": ".3f",
+                  "mem_GiB": ".2f"}
+
     def __init__(self, job: SFTJob):
         self.job = job
         self.step = 0
-        self.losses: list[float] = []
+        self.history: list[float] = []  # the loss of every step
+
+    @property
+    def losses(self) -> list[float]:
+        return self.history
+
+    @property
+    def total_steps(self) -> int:
+        return self.job.sft.steps
+
+    def cadence(self) -> tuple[int, int]:
+        return self.job.sft.log_every, self.job.sft.save_every
 
     # ------------------------------------------------------------------------------------------
-    def setup(self) -> "SFTStage":
+    def setup(self) -> SFTStage:
         job = self.job
         self.dist, self.device, self.run_dir = start_run(job, job.deepspeed)
         self.autocast_dtype = DTYPES[job.model.dtype]
@@ -116,25 +122,25 @@ class SFTStage:
         if job.sft.train == "lora":
             tr.requires_grad_(False)
             add_lora(tr, job.lora)
-            if job.lora.fused:
-                use_fused_lora(tr)
+            use_lora_kernel(tr, job.lora.kernel)
         else:
             tr.requires_grad_(True)
         tr.train()
         self.params = {n: p for n, p in tr.named_parameters() if p.requires_grad}
         d = self.dist
         self.micro = per_rank(job.data.batch_size, d.world, job.optim.grad_accum, "data.batch_size")
-        self.trainer = Trainer(tr, self.params, job.optim, job.sft.steps, job.deepspeed, d, self.device, self.micro,
-                               job.optim.grad_accum, job.model.dtype)
+        self.engine = OptimizerEngine(tr, self.params, optim=job.optim, total_steps=job.sft.steps, ds=job.deepspeed,
+                                      dist=d, device=self.device, micro_batch=self.micro,
+                                      grad_accum=job.optim.grad_accum, model_dtype=job.model.dtype)
         self.ema = EMA(self._local_params(), job.sft.ema_decay) if job.sft.ema_decay > 0 else None
         self.dataset = build_dataset(job.data, job.run.seed)
         self.loader = build_loader(self.dataset, job.data, self.micro, job.run.seed, d.rank, d.world,
                                    self.device)
-        self.degrade = Degrader(job)
+        self.degrade = Degrader(job.degradation, job.data.scale)
         # the latent pool's draws are shared by all ranks (each takes its positions of the global batch)
-        self.gen_pool = torch.Generator().manual_seed(job.run.seed + 2)
-        self.logger = StepLogger(self.run_dir, "sft", enabled=d.main)
-        self.probe = self._probe_batch()
+        self.gen_pool = torch.Generator().manual_seed(derive_seed(job.run.seed, _POOL))
+        self.logger = StepLogger(self.run_dir, "sft", enabled=d.main, interval=job.run.log_interval)
+        self.probe = held_out(job.data, self.dataset, self.degrade, 4, self.device)  # the sample grids' inputs
         self.pool = self._latent_pool(job.sft.latent_pool) if job.sft.latent_pool else None
         seed_rank(job.run.seed, self.dist)  # before a resume, which restores each rank's own RNG
         if job.run.resume:
@@ -148,42 +154,18 @@ class SFTStage:
 
     def _local_params(self) -> dict[str, torch.Tensor]:
         """What this rank holds of each trainable tensor (ZeRO-3: its partition), for the EMA."""
-        return {k: self.trainer.local_tensor(p) for k, p in self.params.items()}
-
-    def _probe_batch(self) -> dict:
-        """A fixed LR/HR batch for sample grids: held-out demo patches or the first images of the set."""
-        job = self.job
-        c = job.data.crop_size
-        if job.data.source == "demo":
-            files = scan_images(Path(self.dataset.files[0]).parents[1] / "val")[:4]
-        elif job.data.source == "paired":
-            files = [hr for _, hr in self.dataset.files[:4]]
-        else:
-            files = list(self.dataset.files[:4])
-        hrs = []
-        for f in files:
-            try:
-                img = load_image(f)
-            except OSError:
-                continue
-            if img.shape[-2] >= c and img.shape[-1] >= c:
-                hrs.append(img[:, :c, :c])
-        if not hrs or job.data.source == "lq":
-            return {}
-        hr = torch.stack(hrs).to(self.device)
-        lr = self.degrade(hr, torch.Generator(self.device).manual_seed(12345))
-        return {"hr": hr, "lr": lr}
+        return {k: self.engine.local_tensor(p) for k, p in self.params.items()}
 
     @torch.no_grad()
     def _latent_pool(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode `n` samples once (own loader and generator, so the pool depends on the seed alone)."""
-        seed = self.job.run.seed + 11
-        loader = iter(ShardedLoader(self.dataset, self.micro, seed))
+        loader = iter(ShardedLoader(self.dataset, self.micro, derive_seed(self.job.run.seed, _POOL, 1)))
         xs, cs = [], []
         while sum(len(x) for x in xs) < n:
             batch = next(loader)
             hr = batch["hr"].to(self.device)
-            lr = batch["lr"].to(self.device) if "lr" in batch else self.degrade(hr, seeds=batch["seed"].tolist())
+            lr = batch["lr"].to(self.device) if "lr" in batch else \
+                self.degrade(hr, seeds=derive_seeds(batch["seed"].tolist(), _DEGRADE))
             xs.append(self.model.encode(hr))
             cs.append(self.model.encode_lr(lr))
         log.info("sft: latent pool of %d samples encoded once", n)
@@ -201,7 +183,7 @@ class SFTStage:
         batch = next(self._iter)
         seeds = batch["seed"].tolist()
         hr = batch["hr"].to(self.device, non_blocking=True)
-        lr = batch["lr"].to(self.device) if "lr" in batch else self.degrade(hr, seeds=derive_seeds(seeds, 0))
+        lr = batch["lr"].to(self.device) if "lr" in batch else self.degrade(hr, seeds=derive_seeds(seeds, _DEGRADE))
         with torch.no_grad():
             return self.model.encode(hr), self.model.encode_lr(lr), seeds
 
@@ -217,18 +199,18 @@ class SFTStage:
             t_data += time.perf_counter() - td
             seq = (x0.shape[-2] // 2) * (x0.shape[-1] // 2)
             step_seeds = derive_seeds(seeds, self.step)  # pool samples recur: fresh draws every step
-            t = per_sample_timesteps(derive_seeds(step_seeds, 1), job, seq, self.device)
-            eps = per_sample_noise(tuple(x0.shape[1:]), derive_seeds(step_seeds, 2), self.device)
+            t = per_sample_timesteps(derive_seeds(step_seeds, _TIME), job, seq, self.device)
+            eps = per_sample_noise(tuple(x0.shape[1:]), derive_seeds(step_seeds, _NOISE), self.device)
             tf = time.perf_counter()
-            with _autocast(self.device, self.autocast_dtype):
-                loss, _ = flow_matching_loss(self.model, x0, cond, t, eps)
-            self.trainer.backward(loss / accum, last=a == accum - 1)
+            with autocast(self.device, self.autocast_dtype):
+                loss = flow_matching_loss(self.model, x0, cond, t, eps)
+            self.engine.backward(loss / accum, last=a == accum - 1)
             t_fwd += time.perf_counter() - tf
             total += float(loss.detach()) / accum
         total = float(distributed.all_reduce(torch.tensor([total], dtype=torch.float64, device=self.device)))
         total /= self.dist.world
-        lr_now = self.trainer.lr
-        grad_norm, stepped = self.trainer.step()
+        lr_now = self.engine.lr
+        grad_norm, stepped = self.engine.step()
         skipped = not (stepped and math.isfinite(total))
         if skipped:
             log.warning("sft step %d: non-finite loss %.4g / grad norm %.4g: step skipped", self.step + 1, total,
@@ -236,46 +218,27 @@ class SFTStage:
         elif self.ema is not None:
             self.ema.update(self._local_params())
         self.step += 1
+        self.history.append(total)
         dt = time.perf_counter() - t0
         return {"loss": total, "grad_norm": grad_norm, "lr": lr_now, "samples/s": job.data.batch_size / dt,
                 "step_s": dt, "data_s": t_data, "train_s": t_fwd, "mem_GiB": memory_gib(self.device),
-                "skipped": int(skipped), "ranks": self.dist.world}
+                "nonfinite": int(skipped)}
 
-    def train(self, until: int | None = None) -> list[float]:
-        """Run to `sft.steps` (or stop after step `until`: an interruption, for tests). Returns the losses."""
-        job = self.job
-        end = min(job.sft.steps, until) if until is not None else job.sft.steps
-        from tqdm import tqdm
-
-        bar = tqdm(total=end, initial=self.step, desc="sft", disable=None if self.dist.main else True, leave=False)
-        while self.step < end:
-            maybe_fail("train", self.step + 1)
-            stats = self.train_step()
-            self.losses.append(stats["loss"])
-            bar.update(1)
-            if job.sft.log_every and (self.step % job.sft.log_every == 0 or self.step == 1):
-                self.logger.step(self.step, stats, {"lr": ".3g", "samples/s": ".2f", "step_s": ".3f",
-                                                    "data_s": ".3f", "train_s": ".3f", "mem_GiB": ".2f"})
-            if job.sft.sample_every and self.step % job.sft.sample_every == 0:
-                self.write_samples()
-            if (job.sft.save_every and self.step % job.sft.save_every == 0) or self.step == job.sft.steps:
-                self.save_checkpoint()
-        bar.close()
-        if self.step >= job.sft.steps:
-            self.export(self.run_dir / "model")
-        return self.losses
+    def after_step(self, stats: dict) -> None:
+        if self.job.sft.sample_every and self.step % self.job.sft.sample_every == 0:
+            self.write_samples()
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def write_samples(self, steps: int | None = None) -> Path | None:
-        if not self.probe:
-            return None
+    def write_samples(self, steps: int | None = None) -> Path:
+        """LR | SR | HR of the held-out probe inputs -> samples/sft_step_N.png (rank 0 writes)."""
+        lr, hr = self.probe.lr, self.probe.hr
         tr = self.model.transformer
         tr.eval()
-        sr = sample_sr(self.model, self.probe["lr"], self.job.sampler, seeds=list(range(len(self.probe["lr"]))),
+        sr = sample_sr(self.model, lr, self.job.sampler, seeds=list(range(len(lr))),
                        autocast_dtype=self.autocast_dtype, steps=steps)
         tr.train()
-        grid = make_grid([[lr, s, hr] for lr, s, hr in zip(self.probe["lr"], sr, self.probe["hr"])])
+        grid = make_grid([list(row) for row in zip(lr, sr, hr)])
         path = self.run_dir / "samples" / f"sft_step_{self.step:06d}.png"
         if not self.dist.main:  # every rank samples (ZeRO-3 forwards are collective); rank 0 writes
             return path
@@ -285,25 +248,25 @@ class SFTStage:
 
     def save_checkpoint(self) -> Path:
         """Every rank calls: DeepSpeed shards + per-rank RNG/EMA; rank 0: consolidated weights + state."""
-        weights = self.trainer.full_state()  # ZeRO-3: gathered (collective), kept on rank 0
-        zero3_ema = self.ema is not None and self.trainer.zero3  # the EMA is per rank (its partition)
+        weights = self.engine.full_state()  # ZeRO-3: gathered (collective), kept on rank 0
+        zero3_ema = self.ema is not None and self.engine.zero3  # the EMA is per rank (its partition)
         state = {"step": self.step, "loader": self.loader.state_dict(), "pool_generator": self.gen_pool.get_state(),
-                 "losses": self.losses,
+                 "losses": self.history,
                  "ema": self.ema.state_dict() if self.ema is not None and not zero3_ema else None}
-        return self.trainer.save_checkpoint(self.run_dir / "checkpoints", self.step, weights, "trainable.safetensors",
+        return self.engine.save_checkpoint(self.run_dir / "checkpoints", self.step, weights, "trainable.safetensors",
                                             state, self.job.sft.keep_checkpoints,
                                             rank_extra={"ema": self.ema.state_dict() if zero3_ema else None})
 
     def _resume(self) -> None:
-        opened = self.trainer.open_checkpoint(self.run_dir / "checkpoints", "trainable.safetensors")
+        opened = self.engine.open_checkpoint(self.run_dir / "checkpoints", "trainable.safetensors")
         if opened is None:
             return
         folder, state, mine = opened
-        if not self.trainer.deepspeed:  # DeepSpeed restored the module weights with its optimizer state
+        if not self.engine.deepspeed:  # DeepSpeed restored the module weights with its optimizer state
             weights = load_file(str(folder / "trainable.safetensors"))
             missing = set(self.params) - set(weights)
             if missing:
-                raise RuntimeError(f"checkpoint {folder} lacks {len(missing)} trainable tensors (e.g. "
+                raise UserError(f"checkpoint {folder} lacks {len(missing)} trainable tensors (e.g. "
                                    f"{sorted(missing)[:3]}); was it written with another sft.train / lora setting?")
             with torch.no_grad():
                 for k, p in self.params.items():
@@ -312,22 +275,24 @@ class SFTStage:
         self.loader.load_state_dict(state["loader"])
         self.gen_pool.set_state(state["pool_generator"])
         if self.ema is not None:
-            ema_state = mine.get("ema") if self.trainer.zero3 else state.get("ema")
+            ema_state = mine.get("ema") if self.engine.zero3 else state.get("ema")
             if ema_state:
                 self.ema.load_state_dict(ema_state)
-        self.losses = list(state.get("losses", []))
+        self.history = list(state.get("losses", []))
         log.info("resumed from %s (step %d)", folder, self.step)
 
-    def export(self, path: Path) -> Path:
-        """Write the trained model as a diffusers-loadable folder (EMA weights if enabled; LoRA merged).
-        Every rank calls (ZeRO-3 gathers the weights one tensor at a time); rank 0 writes."""
+    def export(self) -> Path:
+        """Write the trained model to <run>/model, a diffusers-loadable folder (EMA weights if enabled; LoRA
+        merged), and a last sample grid. Every rank calls (ZeRO-3 gathers the weights one tensor at a time);
+        rank 0 writes."""
+        path = self.run_dir / "model"
         tr = self.model.transformer
         backup = None
         state = None  # None: the module itself holds the weights to save
-        if self.trainer.zero3:  # whole tensors on rank 0: EMA shadow partitions, else the parameters
+        if self.engine.zero3:  # whole tensors on rank 0: EMA shadow partitions, else the parameters
             ema = self.ema.shadow if self.ema is not None else {}
-            state = self.trainer.full_from_partitions(ema)
-            state.update(self.trainer.full_state({k: p for k, p in tr.named_parameters() if k not in ema}))
+            state = self.engine.full_from_partitions(ema)
+            state.update(self.engine.full_state({k: p for k, p in tr.named_parameters() if k not in ema}))
             state.update({k: b.detach().float().cpu() for k, b in tr.named_buffers()})
         elif self.ema is not None:  # EMA weights into the parameters for the export, restored after
             backup = {k: p.detach().clone() for k, p in self.params.items()}
@@ -339,11 +304,10 @@ class SFTStage:
         tmp = path.with_name(path.name + ".tmp")
         if self.dist.main:
             if state is not None:
-                from diffusers import QwenImageTransformer2DModel
-
                 plain = QwenImageTransformer2DModel.from_config(tr.config)
                 plain.load_state_dict(state)
-                SRBackbone(plain, self.model.vae, self._prompt(), self.model.scale).save_pretrained(tmp)
+                prompt = PromptEmbedding(self.model.prompt_embeds.cpu(), self.model.prompt_mask.cpu())
+                SRBackbone(plain, self.model.vae, prompt, self.model.scale).save_pretrained(tmp)
             else:
                 self.model.save_pretrained(tmp)
             if self.job.sft.train == "lora":
@@ -353,39 +317,22 @@ class SFTStage:
                 for k, p in self.params.items():
                     p.copy_(backup[k])
         if self.dist.main:
-            import shutil
-
             shutil.rmtree(path, ignore_errors=True)
             tmp.rename(path)
             log.info("model exported to %s", path)
         distributed.barrier()
+        self.write_samples()
         return path
 
-    def _prompt(self):
-        from ..models.backbone import PromptEmbedding
-
-        return PromptEmbedding(self.model.prompt_embeds.cpu(), self.model.prompt_mask.cpu())
-
     def cleanup(self) -> None:
-        self.logger.close()
+        if hasattr(self, "logger"):
+            self.logger.close()
 
-
-def train_to_end(job: SFTJob) -> list[float]:
-    """Set up, train to the configured steps, write a final sample grid, clean up; the losses."""
-    stage = SFTStage(job).setup()
-    try:
-        losses = stage.train()
-        stage.write_samples()
-    finally:
-        stage.cleanup()
-    return losses
+    def summary(self) -> str:
+        losses = self.history
+        first = f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; " if losses else ""
+        return f"sft: {self.step} steps, {first}model in {self.run_dir / 'model'}"
 
 
 def run(job: SFTJob) -> int:
-    losses = train_to_end(job)
-    main = distributed.rank() == 0
-    distributed.shutdown()
-    if not main:
-        return 0
-    print(f"sft: {len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}; model in {job.run.run_dir / 'model'}")
-    return 0
+    return run_stage(SFTStage(job))
