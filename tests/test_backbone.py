@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from oars_fast.config import ModelConfig
-from oars_fast.models.backbone import build_tiny, load_backbone, pack_latents, unpack_latents
+from oars_fast.models.backbone import Condition, build_tiny, load_backbone, pack_latents, unpack_latents
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +71,87 @@ def test_missing_weights_say_where(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="transformer/"):
         load_backbone(ModelConfig(pretrained=str(tmp_path / "empty")))
+
+
+# ------------------------------------------------------------------------------------------------
+# Edit conditioning (Qwen-Image-Edit-2509's): the LR image inside the Qwen2.5-VL prompt
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_edit():
+    return build_tiny(ModelConfig(condition="edit"), seed=0).eval()
+
+
+def test_edit_prompt_is_built_as_the_edit_plus_pipeline_builds_it(tiny_edit):
+    """The token sequence: the Edit-Plus template around 'Picture 1: <|vision_start|>' + one <|image_pad|>
+    per merged patch + '<|vision_end|>' + instruction (diffusers QwenImageEditPlusPipeline
+    ._get_qwen_prompt_embeds; Qwen2VLProcessor's pad expansion); the first 64 hidden states dropped."""
+    from oars_fast.models import text_encoder as te
+
+    enc = tiny_edit.prompt_encoder
+    lr = torch.rand(2, 3, 16, 24)
+    assert te.condition_size(24, 16) == (480, 320)  # 384^2 area at 3:2, sides multiples of 32
+    vis = enc.image_processor(images=enc._images(lr), return_tensors="pt")
+    n_pad = int(vis["image_grid_thw"][0].prod()) // 4
+    text = te.EDIT_TEMPLATE.format("Picture 1: <|vision_start|>" + "<|image_pad|>" * n_pad + "<|vision_end|>"
+                                   + tiny_edit.instruction)
+    ids = enc.tokenizer(text)["input_ids"]
+    embeds, mask = enc(lr, tiny_edit.instruction)
+    assert embeds.shape == (2, len(ids) - te.EDIT_DROP_TOKENS, tiny_edit.transformer.config.joint_attention_dim)
+    assert mask.shape == embeds.shape[:2] and bool(mask.all())
+    # the image is inside the prompt: another LR gives another prompt, the same LR the same one
+    other, _ = enc(torch.rand(2, 3, 16, 24), tiny_edit.instruction)
+    again, _ = enc(lr, tiny_edit.instruction)
+    assert not torch.allclose(embeds, other) and torch.equal(embeds, again)
+    single, _ = enc(lr[1:], tiny_edit.instruction)
+    assert torch.allclose(single[0], embeds[1], atol=1e-5)  # batched = one at a time
+
+
+def test_edit_condition_carries_per_input_prompts_through_velocity(tiny_edit):
+    lr = torch.rand(3, 3, 8, 8)
+    cond = tiny_edit.condition(lr)
+    assert cond.latents.shape == (3, 16, 8, 8) and cond.prompt.shape[0] == 3
+    rep = cond.repeat_interleave(2)
+    assert len(rep) == 6 and torch.equal(rep.prompt[2], cond.prompt[1]) and torch.equal(rep[4:].latents,
+                                                                                         cond[2:].repeat_interleave(2).latents)
+    x, t = torch.randn(3, 16, 8, 8), torch.tensor([0.2, 0.5, 0.8])
+    with torch.no_grad():
+        v = tiny_edit.velocity(x, t, cond)
+        swapped = tiny_edit.velocity(x, t, Condition(cond.latents, cond.prompt.flip(0), cond.prompt_mask))
+    assert not torch.allclose(v[0], swapped[0])  # the prompt (with the image) conditions the prediction
+    with pytest.raises(ValueError, match="needs a Condition"):
+        tiny_edit.velocity(x, t, cond.latents)
+
+
+def test_edit_model_saves_and_reloads_with_its_encoder(tiny_edit, tmp_path):
+    tiny_edit.save_pretrained(tmp_path / "m")
+    for sub in ("text_encoder", "tokenizer", "processor"):
+        assert (tmp_path / "m" / sub).is_dir()
+    loaded = load_backbone(ModelConfig(pretrained=str(tmp_path / "m")), device="cpu").eval()  # auto: edit
+    assert loaded.condition_kind == "edit"
+    lr, x, t = torch.rand(2, 3, 8, 8), torch.randn(2, 16, 8, 8), torch.tensor([0.3, 0.6])
+    with torch.no_grad():
+        a = loaded.velocity(x, t, loaded.condition(lr))
+        b = tiny_edit.velocity(x, t, tiny_edit.condition(lr))
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_true_cfg_combines_as_qwen_image_does(tiny_edit):
+    """sampler.cfg_scale: comb = neg + s (cond - neg), rescaled per packed token to ||cond|| (diffusers
+    QwenImageEditPlusPipeline.__call__); off at 1.0."""
+    from oars_fast.config import SamplerConfig
+    from oars_fast.models.sampler import guided, sample_sr
+
+    g = torch.Generator().manual_seed(1)
+    cond_v, neg_v = torch.randn(2, 16, 4, 6, generator=g), torch.randn(2, 16, 4, 6, generator=g)
+    out = guided(lambda x, s: cond_v, lambda x, s: neg_v, 4.0)(None, None)
+    pc, pn = pack_latents(cond_v), pack_latents(neg_v)
+    comb = pn + 4.0 * (pc - pn)
+    ref = comb * pc.norm(dim=-1, keepdim=True) / comb.norm(dim=-1, keepdim=True)
+    assert torch.allclose(pack_latents(out), ref, atol=1e-6)
+    lr = torch.rand(1, 3, 8, 8)
+    plain = sample_sr(tiny_edit, lr, SamplerConfig(steps=2), seeds=[0])
+    again = sample_sr(tiny_edit, lr, SamplerConfig(steps=2, cfg_scale=1.0), seeds=[0])
+    cfg = sample_sr(tiny_edit, lr, SamplerConfig(steps=2, cfg_scale=4.0), seeds=[0])
+    assert torch.equal(plain, again) and not torch.allclose(plain, cfg)

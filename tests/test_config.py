@@ -133,7 +133,7 @@ def test_nested_sections_keep_their_own_defaults():
     """A YAML that sets one key of a section keeps the section's other defaults, even when the job gives
     that section non-class defaults (RL's optimizer, the second degradation pass)."""
     job = load_config(RLJob, None, ["optim.grad_clip=0.5", "degradation.second.jpeg_range=[40, 90]"])
-    assert job.optim.lr == pytest.approx(3e-4) and job.optim.weight_decay == 0.0 and job.optim.grad_clip == 0.5
+    assert job.optim.lr == pytest.approx(3e-4) and job.optim.weight_decay == 1e-4 and job.optim.grad_clip == 0.5
     second = job.degradation.second
     assert second.jpeg_range == [40.0, 90.0] and second.blur_prob == 0.8 and second.blur_sigma == [0.2, 1.5]
     assert job.degradation.first.blur_sigma == [0.2, 3.0]

@@ -146,9 +146,9 @@ def test_rl_zero2_matches_one_process(tmp_path, demo_cache, objective):
     a = load_file(str(tmp_path / "one" / "lora" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "z2" / "lora" / "adapter_model.safetensors"))
     for k in a:
-        # Adam normalises each gradient element: where one is ~0, 1e-7 noise moves it by up to ~lr; 1e-4 is
-        # 1% of one step at lr 1e-2
-        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4)
+        # Adam normalises each gradient element: where one is ~0, 1e-7 noise in a float32 sum taken in another
+        # order moves it by up to ~lr (1e-2) a step; 1e-3 is 10% of one step (seen: 5e-4 on 1 of 256 elements)
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.timeout(900)

@@ -39,7 +39,7 @@ def test_rollout_shapes_and_grouping(tmp_path, policy_base, demo_cache):
     st = RLStage(_job(tmp_path, policy_base, demo_cache)).setup()
     lr, gt = st.eval_set.lr[:3], st.eval_set.hr[:3]
     ro = st.rollout(lr, gt, seed=1)
-    assert ro.x0.shape == (12, 16, 8, 8) and ro.images.shape == (12, 3, 32, 32) and ro.cond.shape == ro.x0.shape
+    assert ro.x0.shape == (12, 16, 8, 8) and ro.images.shape == (12, 3, 32, 32) and ro.cond.latents.shape == ro.x0.shape
     assert ro.group_index.tolist() == [0] * 4 + [1] * 4 + [2] * 4
     assert torch.equal(ro.lr[5], lr[1]) and ro.trajectory is None and ro.log_probs is None
     assert not torch.allclose(ro.x0[0], ro.x0[1])  # K different seeds, K different candidates
@@ -99,10 +99,9 @@ def test_rl_raises_held_out_reward(tmp_path, policy_base, demo_cache, objective)
                "rl.global_std=false", "rl.timesteps_per_sample=4", "rl.mode=nr", "reward.name=custom",
                "reward.custom=conftest:brightness_reward_factory")
     st = RLStage(job).setup()
-    before = st.evaluate()
     st.train()
-    after = st.evaluate()
     st.cleanup()
+    before, after = st.eval_before, st.eval_after  # of the exported (EMA) LoRA
     print(f"{objective}: held-out brightness reward {before:.4f} -> {after:.4f}")
     assert after > before + 0.1, (before, after)
     assert (tmp_path / "rl" / "lora" / "adapter_model.safetensors").is_file()
@@ -129,3 +128,38 @@ def test_bf16_base_keeps_float32_lora_master_weights(tmp_path, policy_base, demo
     st.cleanup()
     assert torch.isfinite(torch.tensor([stats["loss"], stats["grad_norm"], stats["reward"]])).all()
     assert stats["grad_norm"] > 0
+
+
+def test_flow_grpo_is_on_policy_and_nft_trains_on_the_rollout_grid(tmp_path, policy_base, demo_cache):
+    """Flow-GRPO samples from the current policy, so every ratio of an iteration's update starts at 1 and
+    the old adapter is left alone; NFT trains each kept candidate at int(N * 0.99) of the rollout's sigmas."""
+    st = RLStage(_job(tmp_path, policy_base, demo_cache, "rl.objective=flow_grpo", "rl.iterations=1",
+                      "rl.filter_mean=2.0")).setup()
+    old = [o.clone() for o, _ in st.policy._pairs()]
+    stats = st.train_iteration()
+    assert stats["ratio"] == pytest.approx(1.0, abs=1e-4) and stats["clipfrac"] == 0.0
+    assert stats["update_times"] == 3 and stats["eta"] == 0.0  # the 3 SDE steps of a 4-step rollout
+    assert all(torch.equal(a, o) for a, (o, _) in zip(old, st.policy._pairs()))
+    st.cleanup()
+    st = RLStage(_job(tmp_path, policy_base, demo_cache, "run.name=nft", "rl.iterations=1",
+                      "rl.filter_mean=2.0")).setup()
+    stats = st.train_iteration()
+    assert stats["update_times"] == 3 and stats["kl"] == 0.0  # int(4 * 0.99); B starts at 0: v_theta = v_ref
+    st.cleanup()
+
+
+def test_edit_conditioning_is_computed_once_per_group(tmp_path, demo_cache):
+    """model.condition=edit: each LR input's prompt (the image inside the tiny Qwen2.5-VL) is computed once and
+    shared by its K candidates; different inputs get different prompts; an iteration trains."""
+    from oars_fast.config import ModelConfig
+    from oars_fast.models.backbone import build_tiny
+
+    build_tiny(ModelConfig(condition="edit", tiny={"num_layers": 1}), seed=0).save_pretrained(tmp_path / "edit")
+    st = RLStage(_job(tmp_path, tmp_path / "edit", demo_cache, "rl.iterations=1", "rl.filter_mean=2.0")).setup()
+    assert st.model.condition_kind == "edit"
+    ro = st.rollout(st.eval_set.lr[:2], st.eval_set.hr[:2], seed=1)
+    p = ro.cond.prompt
+    assert p.shape[0] == 8 and torch.equal(p[0], p[3]) and not torch.allclose(p[0], p[4])
+    stats = st.train_iteration()
+    assert stats["cond_s"] > 0 and torch.isfinite(torch.tensor(stats["loss"]))
+    st.cleanup()

@@ -92,8 +92,8 @@ def test_sde_first_step_noise_is_bounded_for_every_resolution():
     for seq in (16, 64, 1024, 4096):
         sig = sigma_schedule(6, seq, SamplerConfig())
         x = torch.zeros(1, 64)
-        out, _ = sde_step(x, torch.zeros_like(x), float(sig[0]), float(sig[1]), float(sig[1]), 0.7,
-                          torch.ones_like(x))
+        out = sde_step(x, torch.zeros_like(x), float(sig[0]), float(sig[1]), float(sig[1]), 0.7,
+                       torch.ones_like(x)).x_next
         assert float(out.abs().max()) < 2.0, seq
 
 
@@ -106,7 +106,7 @@ def test_sde_explores_and_scores():
     assert not torch.allclose(ode.x0, sde.x0)
     assert sde.log_probs.shape == (2, 5)  # the last step (to sigma = 0) is deterministic
     x, x_next = sde.trajectory[1], sde.trajectory[2]
-    _, lp = sde_step(x, vel(x, None), float(sig[1]), float(sig[2]), float(sig[1]), 0.7, x_next=x_next)
+    lp = sde_step(x, vel(x, None), float(sig[1]), float(sig[2]), float(sig[1]), 0.7, x_next=x_next).log_prob
     assert torch.allclose(lp, sde.log_probs[:, 1], atol=1e-5)
     with pytest.raises(ValueError, match="seeds"):
         euler_sample(vel, noise, sig, sde=True)

@@ -127,7 +127,14 @@ class ModelConfig(Section):
     prompt_embeds: str | None = doc(None, "safetensors file with the cached SR prompt embedding "
                                     "(None: computed with the checkpoint's text encoder, or a stored tensor for tiny)")
     prompt: str = doc("Restore this low-resolution photo into a sharp, detailed high-resolution photo.",
-                      "the fixed SR instruction")
+                      "the SR instruction")
+    condition: Literal["auto", "edit", "text"] = doc(
+        "auto", "edit: each LR input inside the Qwen2.5-VL prompt ('Picture 1: <image>' + instruction, the Edit-Plus "
+        "template), as Qwen-Image-Edit-2509 was trained; computed once per input and reused for its candidates and "
+        "timesteps (needs the checkpoint's text_encoder/, tokenizer/, processor/; a tiny model builds a tiny random "
+        "one); text: one text-only prompt embedding for every input (the tiny demo); auto: what the model was "
+        "trained with (an oars-fast folder's own; edit for a checkpoint with a text encoder, e.g. "
+        "Qwen/Qwen-Image-Edit-2509; text for the tiny model)")
     dtype: Literal["fp32", "bf16", "fp16"] = doc("fp32", "fp32 | bf16 | fp16 (weights and compute)")
     attention_backend: Literal["auto", "native", "flash", "sage"] = doc(
         "auto", "auto | native | flash | sage: diffusers attention backend (auto: flash when installed, else PyTorch "
@@ -179,10 +186,14 @@ class SamplerConfig(Section):
     shift_terminal: float | None = doc(0.02, "stretch sigmas so the last one equals this (None: off)")
     sde: bool = doc(False, "stochastic (SDE) steps instead of the deterministic ODE")
     noise_level: float = doc(0.7, "SDE noise level (exploration)")
+    cfg_scale: float = doc(1.0, "true classifier-free guidance at inference only (Qwen-Image-Edit-Plus uses 4.0 with a "
+                           "blank negative prompt and per-token norm rescaling); 1.0: off. Never in RL rollouts or "
+                           "training")
 
     def check(self) -> None:
         check_range(self, "steps", 1)
         check_range(self, "noise_level", 0.0)
+        check_range(self, "cfg_scale", 1.0)
         if self.shift_terminal is not None:
             check_range(self, "shift_terminal", 0.0, 1.0, lo_open=True)
 
@@ -320,11 +331,21 @@ class RLConfig(Section):
     rollout_steps: int = doc(6, "sampler steps of a rollout")
     sde: bool = doc(False, "NFT: SDE rollouts instead of the deterministic ODE (Flow-GRPO always uses the SDE)")
     noise_level: float = doc(0.7, "SDE noise level")
-    timesteps_per_sample: int = doc(2, "NFT: random times per candidate in the update")
+    train_timesteps: Literal["rollout", "uniform"] = doc(
+        "rollout", "NFT update times: rollout: the rollout sampler's own sigmas (without the final 0), a fresh random "
+        "permutation per candidate, the first int(rollout_steps * timestep_fraction) of them (DiffusionNFT); "
+        "uniform: timesteps_per_sample draws of U(0, 1) per candidate")
+    timestep_fraction: float = doc(0.99, "rollout times: the fraction of the rollout's sigmas trained per candidate "
+                                   "(DiffusionNFT's train.timestep_fraction)")
+    timesteps_per_sample: int = doc(2, "uniform times: draws per candidate")
     micro_batch: int = doc(16, "candidates per forward in the update")
     beta: float = doc(1.0, "NFT: mixing of the implicit positive/negative policies")
-    kl_weight: float = doc(1e-4, "weight of ||v_theta - v_ref||^2 to the base model (adapters off); 0: no ref pass")
-    adv_clip: float = doc(5.0, "advantage clip before mapping to r in [0, 1]")
+    kl_weight: float | None = doc(
+        None, "KL weight to the base model (adapters off); 0: no reference pass. null: the objective's reference "
+        "default: NFT 1e-4 on ||v_theta - v_ref||^2 (DiffusionNFT), Flow-GRPO 0.04 on ||mu - mu_ref||^2 / "
+        "(2 sigma_t^2) of the SDE transition means (flow_grpo)")
+    adv_clip: float = doc(5.0, "advantage clip before mapping to r in [0, 1]; NFT also scales the policy term by it "
+                          "(DiffusionNFT's adv_clip_max)")
     global_std: bool = doc(True, "normalise advantages by the std of all the iteration's rewards (DiffusionNFT) "
                            "instead of each group's own")
     filter_mean: float = doc(0.9, "drop groups whose reward mean is above this ...")
@@ -335,6 +356,9 @@ class RLConfig(Section):
         "constant: eta = eta_max")
     eta_rate: float = doc(0.001, "linear eta schedule: slope per iteration")
     eta_max: float = doc(0.5, "eta ceiling (linear) or value (constant)")
+    ema: bool = doc(True, "an EMA of the trained LoRA (DiffusionNFT train.ema: decay min((1 + s) / (10 + s), "
+                    "ema_max_decay) after optimizer step s), used for the held-out evaluation and the export")
+    ema_max_decay: float = doc(0.9, "ceiling of that EMA's decay")
     init_lora: str | None = doc(None, "adapter folder to continue (NR-RL continues FR-RL's LoRA)")
     sft_model: str | None = doc(None, "SFT model folder: at the end the LoRA delta is merged into it -> <run>/merged")
     eval_inputs: int = doc(8, "held-out LR inputs whose mean reward is measured at the start and end")
@@ -349,16 +373,33 @@ class RLConfig(Section):
         for name in ("iterations", "inputs_per_iter", "group_size", "rollout_steps", "timesteps_per_sample",
                      "micro_batch", "keep_checkpoints"):
             check_range(self, name, 1)
+        check_range(self, "timestep_fraction", 0.0, 1.0, lo_open=True)
+        check_range(self, "ema_max_decay", 0.0, 1.0)
         if self.objective == "flow_grpo" and self.rollout_steps < 2:
             raise ConfigError("RLConfig.rollout_steps must be >= 2 for flow_grpo (the last step is deterministic)")
         check_range(self, "beta", 0.0, lo_open=True)
-        check_range(self, "kl_weight", 0.0)
+        if self.kl_weight is not None:
+            check_range(self, "kl_weight", 0.0)
         check_range(self, "adv_clip", 0.0, lo_open=True)
         check_range(self, "grpo_clip", 0.0, lo_open=True)
         check_range(self, "eta_rate", 0.0)
         check_range(self, "eta_max", 0.0, 1.0)
         for name in ("eval_inputs", "eval_every", "log_every", "probe_every", "save_every"):
             check_range(self, name, 0)
+
+    @property
+    def kl(self) -> float:
+        """The KL weight in effect (`kl_weight`, or the objective's reference default)."""
+        if self.kl_weight is not None:
+            return self.kl_weight
+        return 0.04 if self.objective == "flow_grpo" else 1e-4
+
+    @property
+    def update_times(self) -> int:
+        """Update passes per kept candidate (NFT): times on the rollout grid, or uniform draws."""
+        if self.train_timesteps == "rollout":
+            return max(1, int(self.rollout_steps * self.timestep_fraction))
+        return self.timesteps_per_sample
 
     def eta(self, iteration: int) -> float:
         """The old-policy EMA coefficient after `iteration` (1-based)."""

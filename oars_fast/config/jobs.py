@@ -70,7 +70,8 @@ class DemoBaseJob(SFTJob):
 
 
 def _rl_optimizer() -> OptimizerConfig:
-    return OptimizerConfig(lr=3e-4, weight_decay=0.0)
+    """DiffusionNFT's AdamW: lr 3e-4, betas (0.9, 0.999), weight decay 1e-4, eps 1e-8; clip 1.0."""
+    return OptimizerConfig(lr=3e-4, weight_decay=1e-4)
 
 
 @dataclass

@@ -1,12 +1,18 @@
 """The SR backbone: a Qwen-Image-Edit-style flow-matching model, from diffusers' public classes.
 
-``QwenImageTransformer2DModel`` + ``AutoencoderKLQwenImage`` + a cached SR prompt embedding.
+``QwenImageTransformer2DModel`` + ``AutoencoderKLQwenImage`` + the prompt side.
 
 LR conditioning as in Qwen-Image-Edit: the LR image is upsampled x`scale` (bicubic) to the output
 size, VAE-encoded, packed into 2x2 tokens and concatenated with the noisy target tokens on the
 sequence axis (``img_shapes`` lists both grids, so RoPE sees two frames); the prediction is sliced
-back to the target tokens. The prompt is embedded once (production: the checkpoint's Qwen2.5-VL
-text encoder; tiny model: a stored random tensor) so training never runs the text encoder.
+back to the target tokens. The prompt (``model.condition``):
+
+* ``edit`` (production default): per LR input, the Edit-Plus prompt with the image inside the
+  Qwen2.5-VL text encoder (:mod:`.text_encoder`); computed once per input (:meth:`SRBackbone.condition`)
+  and reused for every timestep and candidate of that input;
+* ``text``: one stored text-only embedding for every input (the tiny demo).
+
+A :class:`Condition` carries both halves per sample (LR latents, prompt embeddings).
 
 Latent conventions (as the Qwen-Image pipelines): images in [-1, 1] enter the VAE as a one-frame
 video (B, 3, 1, H, W); latents are normalised ``(z - latents_mean) / latents_std``; the VAE
@@ -26,7 +32,8 @@ from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
 from safetensors.torch import load_file, save_file
 
 from ..config import ModelConfig
-from ..errors import MissingFileError
+from ..errors import MissingFileError, UserError
+from .text_encoder import EditPromptEncoder, encode_text_prompt, tiny_edit_encoder
 
 log = logging.getLogger(__name__)
 
@@ -71,16 +78,58 @@ class PromptEmbedding:
         return cls(t["prompt_embeds"], t["prompt_mask"])
 
 
-class SRBackbone(nn.Module):
-    """Transformer + VAE + prompt: ``velocity(x_t, t, cond)`` and the latent/image conversions."""
+@dataclass
+class Condition:
+    """What the transformer is conditioned on, per sample (rows index, repeat and concatenate together)."""
 
-    def __init__(self, transformer: nn.Module, vae: nn.Module, prompt: PromptEmbedding, scale: int = 4):
+    latents: torch.Tensor  # (B, C, h, w) LR latents (upsampled x scale, VAE-encoded)
+    prompt: torch.Tensor | None = None  # (B, L, D) per-input prompt embeddings (edit); None: the fixed prompt
+    prompt_mask: torch.Tensor | None = None  # (B, L)
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    def _map(self, fn) -> Condition:
+        return Condition(fn(self.latents), *(fn(t) if t is not None else None for t in (self.prompt, self.prompt_mask)))
+
+    def __getitem__(self, idx) -> Condition:
+        return self._map(lambda t: t[idx])
+
+    def repeat_interleave(self, k: int) -> Condition:
+        return self._map(lambda t: t.repeat_interleave(k, 0))
+
+    def to(self, device) -> Condition:
+        return self._map(lambda t: t.to(device))
+
+    @staticmethod
+    def cat(parts: list[Condition]) -> Condition:
+        def cat(name):
+            items = [getattr(p, name) for p in parts]
+            return None if items[0] is None else torch.cat(items)
+
+        return Condition(cat("latents"), cat("prompt"), cat("prompt_mask"))
+
+
+class SRBackbone(nn.Module):
+    """Transformer + VAE + prompt side: ``condition(lr)``, ``velocity(x_t, t, cond)`` and the latent/image
+    conversions. `prompt`: the fixed text embedding (``condition=text``); `prompt_encoder`: the edit
+    encoder (``condition=edit``); `negative`: the fixed negative embedding for true CFG (text mode)."""
+
+    def __init__(self, transformer: nn.Module, vae: nn.Module, prompt: PromptEmbedding | None, scale: int = 4,
+                 prompt_encoder: EditPromptEncoder | None = None, instruction: str = "",
+                 negative: PromptEmbedding | None = None):
         super().__init__()
+        if prompt is None and prompt_encoder is None:
+            raise ValueError("SRBackbone needs a prompt embedding (condition=text) or a prompt encoder (edit)")
         self.transformer = transformer
         self.vae = vae
         self.scale = scale
-        self.register_buffer("prompt_embeds", prompt.embeds, persistent=False)
-        self.register_buffer("prompt_mask", prompt.mask, persistent=False)
+        self.prompt_encoder = prompt_encoder
+        self.instruction = instruction
+        self.register_buffer("prompt_embeds", prompt.embeds if prompt else None, persistent=False)
+        self.register_buffer("prompt_mask", prompt.mask if prompt else None, persistent=False)
+        self.register_buffer("negative_embeds", negative.embeds if negative else None, persistent=False)
+        self.register_buffer("negative_mask", negative.mask if negative else None, persistent=False)
         self.vae.requires_grad_(False)
         zc = vae.config.z_dim
         self.register_buffer("latents_mean", torch.tensor(vae.config.latents_mean).view(1, zc, 1, 1), persistent=False)
@@ -126,21 +175,50 @@ class SRBackbone(nn.Module):
         """The conditioning latents: LR upsampled x scale (bicubic), then VAE-encoded."""
         return self.encode(self.upsample_lr(lr))
 
-    # -- transformer --------------------------------------------------------------------------------
-    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Predicted velocity (eps - x0) for noisy latents `x_t` at times `t` (B,) given LR latents `cond`.
+    @property
+    def condition_kind(self) -> str:
+        return "edit" if self.prompt_encoder is not None else "text"
 
-        Shapes: x_t, cond (B, C, h, w) with h, w even; returns (B, C, h, w) in the transformer's dtype.
+    @torch.no_grad()
+    def condition(self, lr: torch.Tensor, negative: bool = False) -> Condition:
+        """Everything the transformer needs about LR inputs (B, 3, h, w), computed once per input: the LR
+        latents and (edit) the prompt with the image inside the text encoder. `negative`: the negative
+        prompt's (true CFG)."""
+        latents = self.encode_lr(lr)
+        if self.prompt_encoder is not None:
+            return Condition(latents, *self.prompt_encoder(lr, " " if negative else self.instruction))
+        if negative:
+            if self.negative_embeds is None:
+                raise UserError("sampler.cfg_scale > 1 needs a negative prompt: model.condition=edit, or a model "
+                                "folder whose prompt file holds negative_embeds")
+            b = lr.shape[0]
+            return Condition(latents, self.negative_embeds.expand(b, -1, -1), self.negative_mask.expand(b, -1))
+        return Condition(latents)
+
+    # -- transformer --------------------------------------------------------------------------------
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Condition | torch.Tensor) -> torch.Tensor:
+        """Predicted velocity (eps - x0) for noisy latents `x_t` at times `t` (B,) given `cond` (a
+        :class:`Condition`, or LR latents alone with the fixed text prompt).
+
+        Shapes: x_t and the LR latents (B, C, h, w) with h, w even; returns (B, C, h, w) in the
+        transformer's dtype.
         """
+        cond = cond if isinstance(cond, Condition) else Condition(cond)
         b, _, h, w = x_t.shape
         tdtype = self.transformer.dtype
         target = pack_latents(x_t.to(tdtype))
-        tokens = torch.cat([target, pack_latents(cond.to(tdtype))], dim=1)
+        tokens = torch.cat([target, pack_latents(cond.latents.to(tdtype))], dim=1)
         grid = (1, h // 2, w // 2)
+        if cond.prompt is not None:
+            embeds, mask = cond.prompt, cond.prompt_mask
+        elif self.prompt_embeds is not None:
+            embeds, mask = self.prompt_embeds.expand(b, -1, -1), self.prompt_mask.expand(b, -1)
+        else:
+            raise ValueError("condition=edit: velocity needs a Condition with the prompt (SRBackbone.condition(lr))")
         out = self.transformer(
             hidden_states=tokens,
-            encoder_hidden_states=self.prompt_embeds.to(tdtype).expand(b, -1, -1),
-            encoder_hidden_states_mask=self.prompt_mask.expand(b, -1),
+            encoder_hidden_states=embeds.to(tdtype),
+            encoder_hidden_states_mask=mask,
             timestep=t.to(tdtype).expand(b) if t.numel() == 1 else t.to(tdtype),
             img_shapes=[[grid, grid]] * b,
             return_dict=False,
@@ -148,14 +226,24 @@ class SRBackbone(nn.Module):
         return unpack_latents(out[:, : target.shape[1]], h, w)
 
     # -- persistence --------------------------------------------------------------------------------
-    def save_pretrained(self, path: str | Path, transformer_state: dict | None = None) -> None:
-        """A diffusers-style folder: transformer/, vae/, prompt_embeds.safetensors, oars_fast.json."""
+    def save_pretrained(self, path: str | Path, transformer: nn.Module | None = None) -> None:
+        """A diffusers-style folder: transformer/, vae/, oars_fast.json, the prompt side: prompt_embeds.safetensors
+        (text) and the edit encoder (text_encoder/, tokenizer/, processor/ for one built here; for one loaded
+        from a checkpoint, a reference to it in oars_fast.json, so the 7B encoder is not copied).
+        `transformer`: save this one instead of ``self.transformer`` (same config)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.transformer.save_pretrained(path / "transformer", state_dict=transformer_state)
+        (transformer or self.transformer).save_pretrained(path / "transformer")
         self.vae.save_pretrained(path / "vae")
-        PromptEmbedding(self.prompt_embeds, self.prompt_mask).save(path / PROMPT_FILE)
-        (path / META_FILE).write_text(json.dumps({"scale": self.scale}))
+        meta = {"scale": self.scale, "condition": self.condition_kind}
+        if self.prompt_embeds is not None:
+            PromptEmbedding(self.prompt_embeds, self.prompt_mask).save(path / PROMPT_FILE)
+        if self.prompt_encoder is not None:
+            if self.prompt_encoder.source is None:
+                self.prompt_encoder.save_pretrained(path)
+            else:
+                meta["text_encoder"] = self.prompt_encoder.source
+        (path / META_FILE).write_text(json.dumps(meta))
 
 
 def _set_attention_backend(transformer: nn.Module, backend: str) -> None:
@@ -172,7 +260,8 @@ def _set_attention_backend(transformer: nn.Module, backend: str) -> None:
 
 
 def build_tiny(cfg: ModelConfig, seed: int = 0, scale: int = 4) -> SRBackbone:
-    """A tiny random-weight model of the production architecture (CPU demo and tests)."""
+    """A tiny random-weight model of the production architecture (CPU demo and tests); with
+    ``condition=edit`` a tiny random Qwen2.5-VL prompt encoder too."""
     torch.manual_seed(seed)
     tcfg = {**TINY_TRANSFORMER, **cfg.tiny}
     transformer = QwenImageTransformer2DModel(**tcfg)
@@ -180,25 +269,10 @@ def build_tiny(cfg: ModelConfig, seed: int = 0, scale: int = 4) -> SRBackbone:
     g = torch.Generator().manual_seed(seed + 1)
     prompt = PromptEmbedding(torch.randn(1, TINY_PROMPT_TOKENS, tcfg["joint_attention_dim"], generator=g),
                              torch.ones(1, TINY_PROMPT_TOKENS, dtype=torch.long))
+    if cfg.condition == "edit":  # auto: text (the tiny demo's)
+        encoder = tiny_edit_encoder(tcfg["joint_attention_dim"], seed + 2)
+        return SRBackbone(transformer, vae, None, scale, encoder, cfg.prompt)
     return SRBackbone(transformer, vae, prompt, scale)
-
-
-def encode_prompt_with_text_encoder(pretrained: str, prompt: str, device: torch.device) -> PromptEmbedding:
-    """Embed `prompt` once with the checkpoint's own text encoder (Qwen2.5-VL) via diffusers' pipeline."""
-    from diffusers import QwenImagePipeline  # heavy (transformers' Qwen2.5-VL): only when a prompt is embedded
-
-    try:
-        pipe = QwenImagePipeline.from_pretrained(pretrained, transformer=None, vae=None, torch_dtype=torch.bfloat16)
-    except (OSError, ValueError) as e:
-        raise MissingFileError(
-            f"cannot load the text encoder of {pretrained} to embed the SR prompt ({e}). Either place the checkpoint "
-            f"with its text_encoder/ and tokenizer/ folders there (huggingface-cli download {pretrained}), or give "
-            f"model.prompt_embeds=<file with prompt_embeds/prompt_mask tensors>.") from None
-    pipe.text_encoder.to(device)
-    with torch.no_grad():
-        embeds, mask = pipe.encode_prompt(prompt=[prompt], device=device)
-    del pipe
-    return PromptEmbedding(embeds.float().cpu(), mask.long().cpu())
 
 
 def load_backbone(cfg: ModelConfig, scale: int = 4, device: torch.device | str = "cpu", seed: int = 0,
@@ -233,20 +307,20 @@ def load_backbone(cfg: ModelConfig, scale: int = 4, device: torch.device | str =
             vae = AutoencoderKLQwenImage.from_pretrained(src, subfolder="vae")
         except OSError as e:
             raise MissingFileError(
-                f"cannot load the model weights of {src!r}: {str(e).splitlines()[0]} Expected a diffusers folder with transformer/ and "
-                f"vae/ (e.g. `huggingface-cli download Qwen/Qwen-Image-Edit-2509 --local-dir DIR`, then "
-                f"model.pretrained=DIR)."
-            ) from None
-        if cfg.prompt_embeds:
-            prompt = PromptEmbedding.load(Path(cfg.prompt_embeds).expanduser())
-        elif local.exists() and (local / PROMPT_FILE).is_file():
-            prompt = PromptEmbedding.load(local / PROMPT_FILE)
+                f"cannot load the model weights of {src!r}: {str(e).splitlines()[0]} Expected a diffusers folder "
+                f"with transformer/ and vae/ (e.g. `huggingface-cli download Qwen/Qwen-Image-Edit-2509 --local-dir "
+                f"DIR`, then model.pretrained=DIR).") from None
+        meta = json.loads((local / META_FILE).read_text()) if (local / META_FILE).is_file() else {}
+        scale = meta.get("scale", scale)
+        has_encoder = not local.exists() or (local / "text_encoder").is_dir() or "text_encoder" in meta
+        kind = cfg.condition if cfg.condition != "auto" else meta.get("condition", "edit" if has_encoder else "text")
+        if kind == "edit":
+            source = meta["text_encoder"] if local.exists() and "text_encoder" in meta and \
+                not (local / "text_encoder").is_dir() else src
+            encoder = EditPromptEncoder.from_pretrained(source, dtype=DTYPES[cfg.dtype])
+            model = SRBackbone(transformer, vae, None, scale, encoder, cfg.prompt)
         else:
-            prompt = encode_prompt_with_text_encoder(src, cfg.prompt, torch.device(device))
-        meta = local / META_FILE
-        if local.exists() and meta.is_file():
-            scale = json.loads(meta.read_text()).get("scale", scale)
-        model = SRBackbone(transformer, vae, prompt, scale)
+            model = SRBackbone(transformer, vae, _text_prompt(cfg, src, local, device), scale)
     _set_attention_backend(model.transformer, cfg.attention_backend)
     if cfg.gradient_checkpointing:
         model.transformer.enable_gradient_checkpointing()
@@ -260,7 +334,18 @@ def load_backbone(cfg: ModelConfig, scale: int = 4, device: torch.device | str =
         model.to(device)
     _cast(model.transformer, torch.float32 if train_dtype else dtype)
     _cast(model.vae, torch.float32 if dtype == torch.float16 else dtype)
+    if model.prompt_encoder is not None:
+        _cast(model.prompt_encoder, torch.float32 if dtype == torch.float16 else dtype)
     return model
+
+
+def _text_prompt(cfg: ModelConfig, src: str, local: Path, device) -> PromptEmbedding:
+    """The fixed prompt of condition=text: model.prompt_embeds, the folder's stored one, or embedded now."""
+    if cfg.prompt_embeds:
+        return PromptEmbedding.load(Path(cfg.prompt_embeds).expanduser())
+    if local.exists() and (local / PROMPT_FILE).is_file():
+        return PromptEmbedding.load(local / PROMPT_FILE)
+    return PromptEmbedding(*encode_text_prompt(src, cfg.prompt, torch.device(device)))
 
 
 def _cast(module: nn.Module, dtype: torch.dtype) -> None:

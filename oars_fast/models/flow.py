@@ -31,9 +31,8 @@ def sample_timesteps(n: int, mode: str, generator: torch.Generator, seq_len: int
     return t.clamp(T_EPS, 1 - T_EPS)
 
 
-def flow_matching_loss(model, x0: torch.Tensor, cond: torch.Tensor, t: torch.Tensor,
-                       eps: torch.Tensor) -> torch.Tensor:
-    """Mean squared velocity error (a float32 scalar)."""
+def flow_matching_loss(model, x0: torch.Tensor, cond, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Mean squared velocity error (a float32 scalar); `cond`: a Condition (or LR latents)."""
     tb = t.view(-1, *([1] * (x0.ndim - 1)))
     x_t = (1 - tb) * x0 + tb * eps
     v = eps - x0

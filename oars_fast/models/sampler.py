@@ -21,12 +21,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from ..config import SamplerConfig
 from ..runtime.device import autocast
 from ..runtime.seeding import derive_seeds
+from .backbone import pack_latents, unpack_latents
 
 SDE_NOISE = 1  # derive_seeds tag of the SDE steps' noise
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (B,...), sigma (B,)) -> v
@@ -71,14 +73,17 @@ class SampleResult:
     sigmas: torch.Tensor  # (N + 1,) float64
 
 
-def sde_step(x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float, sigma_max: float,
-             noise_level: float, noise: torch.Tensor | None = None,
-             x_next: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One SDE step of the flow ODE's marginal-preserving SDE (Flow-GRPO form).
+class SDEStep(NamedTuple):
+    x_next: torch.Tensor  # (B, ...) the next state (drawn, or the given one)
+    log_prob: torch.Tensor  # (B,) the transition's Gaussian log-density, averaged over elements
+    mean: torch.Tensor  # (B, ...) the transition mean
+    std: float  # sigma_t: the SDE's noise level at this step (the transition std is std * sqrt(-dt))
 
-    Returns (x_next, log_prob per sample averaged over elements). Give `x_next` to score a known
-    transition (the log-prob under the current model) instead of drawing one.
-    """
+
+def sde_step(x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float, sigma_max: float,
+             noise_level: float, noise: torch.Tensor | None = None, x_next: torch.Tensor | None = None) -> SDEStep:
+    """One SDE step of the flow ODE's marginal-preserving SDE (Flow-GRPO form). Give `x_next` to score a
+    known transition (the log-prob under the current model) instead of drawing one."""
     dt = sigma_next - sigma
     # sigma/(1 - sigma) diverges at sigma = 1 (the first step, which float64 may give as 1 - 1e-16):
     # the first step takes sigma_max = sigmas[1] in the denominator, as Flow-GRPO does
@@ -89,7 +94,7 @@ def sde_step(x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float, 
     if x_next is None:
         x_next = mean + scale * noise
     lp = -((x_next.detach() - mean) ** 2) / (2 * scale**2) - math.log(scale) - 0.5 * math.log(2 * math.pi)
-    return x_next, lp.flatten(1).mean(1)
+    return SDEStep(x_next, lp.flatten(1).mean(1), mean, std)
 
 
 @torch.no_grad()
@@ -114,7 +119,7 @@ def euler_sample(velocity: VelocityFn, noise: torch.Tensor, sigmas: torch.Tensor
             if seeds is None:
                 raise ValueError("SDE sampling needs per-sample seeds")
             eps = per_sample_noise(tuple(x.shape[1:]), derive_seeds(seeds, SDE_NOISE, i), x.device)
-            x, lp = sde_step(x, v, s, s_next, sigma_max, noise_level, eps)
+            x, lp, _, _ = sde_step(x, v, s, s_next, sigma_max, noise_level, eps)
             log_probs.append(lp)
         else:
             x = x + (s_next - s) * v
@@ -124,16 +129,33 @@ def euler_sample(velocity: VelocityFn, noise: torch.Tensor, sigmas: torch.Tensor
     return SampleResult(x, traj, lps, sigmas)
 
 
+def guided(velocity: VelocityFn, negative: VelocityFn, scale: float) -> VelocityFn:
+    """True CFG as Qwen-Image's pipelines combine it: ``comb = neg + scale * (cond - neg)``, rescaled per
+    token to the conditional prediction's norm (norms over each 2x2 packed token's channels)."""
+    def v(x, s):
+        cond, neg = velocity(x, s).float(), negative(x, s).float()
+        comb = neg + scale * (cond - neg)
+        pc, pb = pack_latents(cond), pack_latents(comb)
+        pb = pb * (pc.norm(dim=-1, keepdim=True) / pb.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+        return unpack_latents(pb, *cond.shape[-2:])
+
+    return v
+
+
 def sample_sr(model, lr: torch.Tensor, cfg: SamplerConfig, seeds: list[int], autocast_dtype=None,
               steps: int | None = None) -> torch.Tensor:
-    """LR images (B, 3, h, w) in [0, 1] -> SR images (B, 3, h*scale, w*scale) in [0, 1]."""
+    """LR images (B, 3, h, w) in [0, 1] -> SR images (B, 3, h*scale, w*scale) in [0, 1]. The condition
+    (LR latents, and with edit conditioning the prompt) is computed once for all steps."""
     steps = steps or cfg.steps
     with torch.no_grad():
-        cond = model.encode_lr(lr)
-        c, h, w = cond.shape[1:]
+        cond = model.condition(lr)
+        c, h, w = cond.latents.shape[1:]
         sigmas = sigma_schedule(steps, (h // 2) * (w // 2), cfg)
         noise = per_sample_noise((c, h, w), seeds, lr.device)
+        velocity = lambda x, s: model.velocity(x, s, cond)  # noqa: E731
+        if cfg.cfg_scale > 1:
+            neg = model.condition(lr, negative=True)
+            velocity = guided(velocity, lambda x, s: model.velocity(x, s, neg), cfg.cfg_scale)
         with autocast(lr.device, autocast_dtype):
-            res = euler_sample(lambda x, s: model.velocity(x, s, cond), noise, sigmas, sde=cfg.sde,
-                               noise_level=cfg.noise_level, seeds=seeds)
+            res = euler_sample(velocity, noise, sigmas, sde=cfg.sde, noise_level=cfg.noise_level, seeds=seeds)
         return model.decode(res.x0)

@@ -46,9 +46,11 @@ class EMA:
         self.shadow = {k: p.detach().float().clone() for k, p in params.items()}
 
     @torch.no_grad()
-    def update(self, params: dict[str, torch.Tensor]) -> None:
+    def update(self, params: dict[str, torch.Tensor], decay: float | None = None) -> None:
+        """shadow <- d * shadow + (1 - d) * params, d = `decay` (this step's) or the fixed one."""
+        d = self.decay if decay is None else decay
         for k, p in params.items():
-            self.shadow[k].lerp_(p.detach().float(), 1 - self.decay)
+            self.shadow[k].lerp_(p.detach().float(), 1 - d)
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "shadow": self.shadow}

@@ -3,29 +3,38 @@
 One iteration, as the loop in :meth:`RLStage.train_iteration` reads:
 
 1. rollout: each of the iteration's LR inputs gets ``K = rl.group_size`` candidates, sampled with
-   the ``rl.rollout_steps``-step sampler from the *old* policy (deterministic ODE by default; SDE for
-   Flow-GRPO or ``rl.sde``), per-candidate seeds, no grad; clean latents and decoded images kept;
+   the ``rl.rollout_steps``-step sampler, per-candidate seeds, no grad; clean latents and decoded images
+   kept. NFT samples from the *old* policy with the deterministic ODE (``rl.sde``: SDE); Flow-GRPO is
+   on-policy: the *current* policy with the SDE, so its ratio starts at 1. The condition of each LR
+   input (LR latents; with ``model.condition=edit`` the prompt with the image inside the text encoder)
+   is computed once and reused for its K candidates, every rollout step and every update pass;
 2. reward: a :class:`~oars_fast.rewards.RewardFn` scores every candidate on [0, 1] (FR: vs the ground
    truth; NR: from the LR and SR alone);
 3. groups: ``oars_fast.kernels.group_advantages`` -> optimality probabilities r and the keep mask;
    saturated groups (mean > ``filter_mean`` and std < ``filter_std``) are dropped and counted;
-4. update: NFT (default): for ``rl.timesteps_per_sample`` random times per kept candidate, fresh
-   noise, ``x_t = (1-t) x0 + t eps``; ``v_old`` (old adapter, no grad), ``v_theta`` (current adapter),
-   ``v_ref`` (adapters disabled = base, no grad, only when ``rl.kl_weight`` > 0);
-   ``oars_fast.kernels.nft_loss``; gradients accumulated over micro-batches and times, then clipping
-   and one AdamW step. Flow-GRPO: per SDE step, the ratio of the current to the rollout
-   log-probability of the taken transition, the clipped surrogate with group-normalised advantages,
-   plus ``kl_weight * ||v_theta - v_ref||^2``;
-5. old policy: ``old <- eta * old + (1 - eta) * current``, eta from ``rl.eta_schedule``.
+4. update: NFT (default): per kept candidate, the rollout sampler's own sigmas (without the final 0)
+   in a fresh random order, the first ``int(rollout_steps * timestep_fraction)`` of them (DiffusionNFT;
+   ``rl.train_timesteps=uniform``: ``timesteps_per_sample`` draws of U(0, 1)); fresh noise,
+   ``x_t = (1-t) x0 + t eps``; ``v_old`` (old adapter, no grad), ``v_theta`` (current adapter), ``v_ref``
+   (adapters disabled = base, no grad, only when the KL weight > 0); ``oars_fast.kernels.nft_loss`` with
+   the policy term scaled by ``rl.adv_clip`` (DiffusionNFT's ``adv_clip_max``) and ``kl * ||v_theta -
+   v_ref||^2``; gradients accumulated over micro-batches and times, then clipping and one AdamW step.
+   An iteration's update costs ``3 x update_times`` transformer forwards (old, ref, current) and
+   ``update_times`` backwards per kept candidate (``update_times`` in the log line). Flow-GRPO: per SDE
+   step, the ratio of the current to the rollout log-probability of the taken transition, the clipped
+   surrogate with the clipped advantages, plus ``kl * ||mu - mu_ref||^2 / (2 sigma_t^2)`` on the
+   transition means (flow_grpo);
+5. NFT: old policy ``old <- eta * old + (1 - eta) * current``, eta from ``rl.eta_schedule``; both
+   objectives: the EMA of the trained LoRA (``rl.ema``, DiffusionNFT's ``train.ema``) that the held-out
+   evaluation and the export use.
 
 The policy is base weights + LoRA (rank 32, alpha 64 by default): ``model.pretrained`` names the
 base, ``rl.sft_model`` the SFT model the final delta is merged into (``<run>/merged``). NR-RL
 continues FR-RL's LoRA through ``rl.init_lora``.
 
-Deviations from the paper, on purpose: r is the DiffusionNFT optimality probability computed from
-group-normalised, clipped rewards with a population std over the whole iteration; Flow-GRPO's KL term
-is taken as the squared velocity difference to the reference (proportional to the KL of the two
-Gaussian transitions up to a per-step constant).
+r is the DiffusionNFT optimality probability from group-normalised, clipped rewards with a population
+std over the whole iteration. Deliberate deviations from the reference code (Euler rollouts, the group
+filter, ...) are listed in the README's deviation table.
 
 Launch:
 
@@ -47,6 +56,7 @@ evaluates, writes logs, probe grids and the exported LoRA.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -63,15 +73,16 @@ from ..data.heldout import held_out
 from ..data.images import make_grid, save_image
 from ..errors import UserError
 from ..kernels import group_advantages, nft_loss_with_stats
-from ..models.backbone import DTYPES, SRBackbone, load_backbone
+from ..models.backbone import DTYPES, Condition, SRBackbone, load_backbone
 from ..models.lora import PolicyAdapters, save_lora, use_lora_kernel
 from ..models.merge import merge_into_folder
-from ..models.sampler import euler_sample, per_sample_noise, sde_step, sigma_schedule
+from ..models.sampler import SDEStep, euler_sample, per_sample_noise, sde_step, sigma_schedule
 from ..rewards import build_reward
 from ..runtime import distributed
 from ..runtime.device import autocast, memory_gib
 from ..runtime.engine import OptimizerEngine
 from ..runtime.logger import StepLogger
+from ..runtime.optim import EMA
 from ..runtime.run import start_run
 from ..runtime.seeding import derive_seed, derive_seeds, seed_rank
 from .runner import TrainingLoop, run_stage
@@ -90,12 +101,40 @@ class Rollout:
     lr: torch.Tensor  # (B, 3, h, w) the LR input of each candidate
     gt: torch.Tensor | None  # (G, 3, H, W) one ground truth per group (FR), else None
     group_index: torch.Tensor  # (B,) long
-    cond: torch.Tensor  # (B, C, h', w') LR latents
+    cond: Condition  # (B, ...) LR latents and (edit) prompts, computed once per group and repeated
     x0: torch.Tensor  # (B, C, h', w') clean latents of the candidates, float32
     images: torch.Tensor  # (B, 3, H, W) decoded candidates in [0, 1]
     sigmas: torch.Tensor  # (N + 1,) the rollout schedule
     trajectory: list[torch.Tensor] | None  # N + 1 states (SDE rollouts)
     log_probs: torch.Tensor | None  # (B, N - 1) transition log-probs under the old policy (SDE)
+
+
+def update_times(seeds: list[int], sigmas: torch.Tensor, mode: str, n: int) -> torch.Tensor:
+    """(len(seeds), n) NFT update times, each candidate's drawn from its own seed. rollout: the rollout's
+    sigmas without the final 0, in a random order, the first n (DiffusionNFT: one permutation per sample,
+    the first int(N * timestep_fraction)); uniform: n draws of U(0, 1), clamped away from 0 and 1."""
+    grid = sigmas[:-1].float()
+    rows = []
+    for sd in seeds:
+        g = torch.Generator().manual_seed(int(sd))
+        if mode == "rollout":
+            rows.append(grid[torch.randperm(len(grid), generator=g)[:n]])
+        else:
+            rows.append(torch.rand(n, generator=g).clamp(1e-3, 1 - 1e-3))
+    return torch.stack(rows) if rows else torch.zeros(0, n)
+
+
+def grpo_surrogate(log_prob: torch.Tensor, old_log_prob: torch.Tensor, adv: torch.Tensor,
+                   clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flow-GRPO's clipped surrogate ``mean(max(-A ratio, -A clamp(ratio, 1 - clip, 1 + clip)))``; (loss, ratio)."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    return torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip)).mean(), ratio
+
+
+def grpo_kl(step: SDEStep, ref: SDEStep) -> torch.Tensor:
+    """Flow-GRPO's KL term of one SDE step: ``mean((mu - mu_ref)^2) / (2 sigma_t^2)`` per sample (the
+    transition means under the policy and the base), batch-averaged."""
+    return (((step.mean - ref.mean) ** 2).flatten(1).mean(1) / (2 * step.std**2)).mean()
 
 
 class RLStage(TrainingLoop):
@@ -126,13 +165,17 @@ class RLStage(TrainingLoop):
         self.policy = PolicyAdapters(self.model.transformer, job.lora, init_from=rl.init_lora)
         use_lora_kernel(self.model.transformer, job.lora.kernel)
         self.params = self.policy.named_parameters()
+        self.lora_ema = EMA(self.params, rl.ema_max_decay) if rl.ema else None  # eval/export weights
+        self.ema_steps, self.cond_s = 0, 0.0
         self.groups = per_rank(rl.inputs_per_iter, d.world, 1, "rl.inputs_per_iter")  # groups on this rank
         self.engine = OptimizerEngine(self.model.transformer, self.params, optim=job.optim, total_steps=rl.iterations,
                                       ds=job.deepspeed, dist=d, device=self.device,
                                       micro_batch=self.groups * rl.group_size, model_dtype=job.model.dtype)
         self.reward_fn = build_reward(job.reward, self.device)
-        log.info("rl: mode %s, objective %s, reward %s, K=%d, %d-step rollouts, %d group(s) x %d rank(s)", rl.mode,
-                 rl.objective, self.reward_fn.name, rl.group_size, rl.rollout_steps, self.groups, d.world)
+        times = f", {rl.update_times} {rl.train_timesteps} update times per candidate" if rl.objective == "nft" else ""
+        log.info("rl: mode %s, objective %s, reward %s, K=%d, %d-step rollouts, %d group(s) x %d rank(s), KL weight "
+                 "%g, condition %s%s", rl.mode, rl.objective, self.reward_fn.name, rl.group_size, rl.rollout_steps,
+                 self.groups, d.world, rl.kl, self.model.condition_kind, times)
         self.dataset = build_dataset(job.data, job.run.seed)
         self.loader = build_loader(self.dataset, job.data, self.groups, job.run.seed, d.rank, d.world,
                                    self.device)
@@ -153,16 +196,17 @@ class RLStage(TrainingLoop):
     @torch.no_grad()
     def rollout(self, lr: torch.Tensor, gt: torch.Tensor | None, seed: int, policy: str = "old",
                 k: int | None = None, sde: bool | None = None, groups: list[int] | None = None) -> Rollout:
-        """K candidates per LR input from `policy` (old: training rollouts; current: evaluation).
-        `groups`: the global position of each input (candidate seeds follow it; default 0, 1, ...)."""
+        """K candidates per LR input from `policy` (training: old for NFT, current for Flow-GRPO; evaluation:
+        current). `groups`: the global position of each input (candidate seeds follow it; default 0, 1, ...)."""
         rl = self.job.rl
         k = k or rl.group_size
         if sde is None:
             sde = rl.sde or rl.objective == "flow_grpo"
         g = lr.shape[0]
-        cond_g = self.model.encode_lr(lr)
-        cond = cond_g.repeat_interleave(k, 0)
-        c, h, w = cond.shape[1:]
+        tc = time.perf_counter()
+        cond = self.model.condition(lr).repeat_interleave(k)  # once per input, for its K candidates
+        self.cond_s += time.perf_counter() - tc
+        c, h, w = cond.latents.shape[1:]
         sigmas = sigma_schedule(rl.rollout_steps, (h // 2) * (w // 2), self.job.sampler)
         groups = list(range(g)) if groups is None else groups
         seeds = derive_seeds([gi * k + c for gi in groups for c in range(k)], seed)
@@ -183,8 +227,26 @@ class RLStage(TrainingLoop):
         deterministic ODE (the same sampler for every objective, so runs compare)."""
         if self.eval_set is None or not self.dist.main:
             return float("nan")
-        ro = self.rollout(self.eval_set.lr, self.eval_set.hr, seed, policy="current", k=4, sde=False)
+        with self.eval_weights():
+            ro = self.rollout(self.eval_set.lr, self.eval_set.hr, seed, policy="current", k=4, sde=False)
         return float(self.score(ro)[0].mean())
+
+    @contextlib.contextmanager
+    def eval_weights(self):
+        """The LoRA that evaluation and export use: the EMA of the trained one (rl.ema), else the trained one."""
+        if self.lora_ema is None:
+            yield
+            return
+        backup = {k: p.detach().clone() for k, p in self.params.items()}
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(self.lora_ema.shadow[k].to(p.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for k, p in self.params.items():
+                    p.copy_(backup[k])
 
     # ------------------------------------------------------------------------------------------
     def _v(self, x_t, t, cond, policy: str | None) -> torch.Tensor:
@@ -213,22 +275,25 @@ class RLStage(TrainingLoop):
     def update_nft(self, ro: Rollout, r: torch.Tensor, idx: torch.Tensor, ids: torch.Tensor) -> dict:
         """`idx`: kept rows of this rank; `ids`: the global candidate id of every row (seeds t and eps)."""
         rl = self.job.rl
-        items, n_global = self._work(len(idx), rl.timesteps_per_sample)
-        n_terms = n_global * rl.timesteps_per_sample
+        passes = rl.update_times
+        items, n_global = self._work(len(idx), passes)
+        n_terms = n_global * passes
+        seeds_t = derive_seeds(ids[idx].tolist(), self.job.run.seed, _UPDATE, self.step)
+        times = update_times(seeds_t, ro.sigmas, rl.train_timesteps, passes).to(self.device)  # (kept rows, passes)
         sums = {"loss": 0.0, "pos": 0.0, "neg": 0.0, "kl": 0.0, "dv": 0.0}
         for n, (tau, sl) in enumerate(items):
             j, real = self._rows(idx, sl)
             x0, cond, rr = ro.x0[j], ro.cond[j], r[j]
+            t = times[sl, tau] if real else torch.full((1,), 0.5, device=self.device)
             seeds = derive_seeds(ids[j].tolist(), self.job.run.seed, _UPDATE, self.step, tau)
-            t = torch.tensor([float(torch.rand((), generator=torch.Generator().manual_seed(sd))) for sd in seeds],
-                             device=self.device).clamp(1e-3, 1 - 1e-3)
             eps = per_sample_noise(tuple(x0.shape[1:]), derive_seeds(seeds, _NOISE), self.device)
             tb = t.view(-1, 1, 1, 1)
             x_t, v_target = (1 - tb) * x0 + tb * eps, eps - x0
             v_old = self._v(x_t, t, cond, "old")
-            v_ref = self._v(x_t, t, cond, "ref") if rl.kl_weight > 0 else None
+            v_ref = self._v(x_t, t, cond, "ref") if rl.kl > 0 else None
             v_theta = self._v(x_t, t, cond, None)
-            loss, st = nft_loss_with_stats(v_theta, v_old, v_target, t, rr, rl.beta, v_ref, rl.kl_weight)
+            loss, st = nft_loss_with_stats(v_theta, v_old, v_target, t, rr, rl.beta, v_ref, rl.kl,
+                                           policy_weight=rl.adv_clip)
             w = len(j) / n_terms if real else 0.0
             self.engine.backward(loss * (w * self.dist.world), last=n == len(items) - 1)
             sums["loss"] += float(loss.detach()) * w
@@ -244,6 +309,8 @@ class RLStage(TrainingLoop):
         return {k: float(v) for k, v in zip(keys, tot)}
 
     def update_flow_grpo(self, ro: Rollout, r: torch.Tensor, idx: torch.Tensor, ids: torch.Tensor) -> dict:
+        """Per SDE step of the (on-policy) rollout: the clipped surrogate of the transition's probability
+        ratio with the clipped advantages, plus flow_grpo's KL to the base on the transition means."""
         rl = self.job.rl
         adv = (r - 0.5) * 2 * rl.adv_clip  # back from r in [0, 1] to the clipped advantage
         sig = ro.sigmas
@@ -256,17 +323,15 @@ class RLStage(TrainingLoop):
             s, s_next = float(sig[i]), float(sig[i + 1])
             x, x_next, cond = ro.trajectory[i][j], ro.trajectory[i + 1][j], ro.cond[j]
             t = torch.full((len(j),), s, device=self.device)
-            v = self._v(x, t, cond, None).float()
-            _, lp = sde_step(x, v, s, s_next, float(sig[1]), rl.noise_level, x_next=x_next)
-            ratio = torch.exp(lp - ro.log_probs[j, i])
-            a = adv[j]
-            surrogate = torch.maximum(-a * ratio, -a * ratio.clamp(1 - rl.grpo_clip, 1 + rl.grpo_clip))
-            loss = surrogate.mean()
+            step = sde_step(x, self._v(x, t, cond, None).float(), s, s_next, float(sig[1]), rl.noise_level,
+                            x_next=x_next)
+            loss, ratio = grpo_surrogate(step.log_prob, ro.log_probs[j, i], adv[j], rl.grpo_clip)
             kl = torch.zeros((), device=self.device)
-            if rl.kl_weight > 0:
-                v_ref = self._v(x, t, cond, "ref").float()
-                kl = (v - v_ref).pow(2).mean()
-                loss = loss + rl.kl_weight * kl
+            if rl.kl > 0:
+                ref = sde_step(x, self._v(x, t, cond, "ref").float(), s, s_next, float(sig[1]), rl.noise_level,
+                               x_next=x_next)
+                kl = grpo_kl(step, ref)
+                loss = loss + rl.kl * kl
             w = len(j) / n_terms if real else 0.0
             self.engine.backward(loss * (w * self.dist.world), last=n == len(items) - 1)
             sums["loss"] += float(loss.detach()) * w
@@ -287,9 +352,11 @@ class RLStage(TrainingLoop):
         gt = batch["hr"].to(self.device) if (rl.mode == "fr" and "hr" in batch) else None
         groups = [d.rank + d.world * j for j in range(len(lr))]  # global group positions of this rank
         ids = torch.tensor([g * k + c for g in groups for c in range(k)], device=self.device)
-        # 1. rollout (old policy, no grad); each group stays on its rank
+        # 1. rollout (NFT: old policy; Flow-GRPO: current, on-policy; no grad); each group stays on its rank
         t1 = time.perf_counter()
-        ro = self.rollout(lr, gt, seed=derive_seed(job.run.seed, _ROLLOUT, self.step), groups=groups)
+        self.cond_s = 0.0
+        ro = self.rollout(lr, gt, seed=derive_seed(job.run.seed, _ROLLOUT, self.step), groups=groups,
+                          policy="old" if rl.objective == "nft" else "current")
         # 2. reward
         t2 = time.perf_counter()
         local_scores, parts = self.score(ro)
@@ -311,22 +378,29 @@ class RLStage(TrainingLoop):
             nonfinite = not (stepped and math.isfinite(stats["loss"]))
             if nonfinite:
                 log.warning("rl iteration %d: non-finite loss/grad: update skipped", self.step + 1)
+            elif self.lora_ema is not None:
+                self.ema_steps += 1
+                s = self.ema_steps
+                self.lora_ema.update(self.params, min((1 + s) / (10 + s), rl.ema_max_decay))
         else:
             if not finite:
                 log.warning("rl iteration %d: non-finite rewards: update skipped", self.step + 1)
             self.engine.skip()
         self.step += 1
-        # 5. old policy <- EMA of the current one (whole LoRA on every rank: the same result everywhere)
-        eta = rl.eta(self.step)
-        self.policy.ema_update(eta)
+        # 5. NFT: old policy <- EMA of the current one (whole LoRA on every rank: the same result everywhere)
+        eta = rl.eta(self.step) if rl.objective == "nft" else 0.0
+        if rl.objective == "nft":
+            self.policy.ema_update(eta)
         t4 = time.perf_counter()
         n = len(scores)
         out = {"reward": float(scores.mean()), "reward_std": float(scores.std(unbiased=False)),
                "reward_min": float(scores.min()), "reward_max": float(scores.max()),
                "kept": float(keep_all.float().mean()), "groups_dropped": int((~keep_all).sum()) // k,
                "r_mean": float(r_all.mean()), "r_std": float(r_all.std(unbiased=False)), **stats, "eta": eta,
+               "update_times": rl.update_times if rl.objective == "nft" else ro.log_probs.shape[1],
                "rollout_img/s": n / (t2 - t1), "train_samples/s": int(keep_all.sum()) / max(t4 - t3, 1e-9),
-               "data_s": t1 - t0, "rollout_s": t2 - t1, "reward_s": t3 - t2, "train_s": t4 - t3,
+               "data_s": t1 - t0, "cond_s": self.cond_s, "rollout_s": t2 - t1, "reward_s": t3 - t2,
+               "train_s": t4 - t3,
                "mem_GiB": memory_gib(self.device), "samples": n * self.step, "nonfinite": int(nonfinite)}
         out.update({f"reward_part/{key}": float(distributed.all_reduce(v.float().mean().reshape(1)) / d.world)
                     for key, v in parts.items()})
@@ -363,7 +437,8 @@ class RLStage(TrainingLoop):
         tr = self.model.transformer
         lora_state = {k: v.detach().float().cpu().contiguous() for k, v in tr.state_dict().items() if "lora_" in k}
         state = {"step": self.step, "loader": self.loader.state_dict(), "history": self.history,
-                 "eval_before": self.eval_before}
+                 "eval_before": self.eval_before, "ema_steps": self.ema_steps,
+                 "lora_ema": self.lora_ema.state_dict() if self.lora_ema is not None else None}
         return self.engine.save_checkpoint(self.run_dir / "checkpoints", self.step, lora_state,
                                             "adapters.safetensors", state, self.job.rl.keep_checkpoints)
 
@@ -383,6 +458,9 @@ class RLStage(TrainingLoop):
         self.loader.load_state_dict(state["loader"])
         self.history = list(state.get("history", []))
         self.eval_before = float(state.get("eval_before", float("nan")))
+        self.ema_steps = int(state.get("ema_steps", 0))
+        if self.lora_ema is not None and state.get("lora_ema"):
+            self.lora_ema.load_state_dict(state["lora_ema"])
         log.info("resumed from %s (iteration %d)", folder, self.step)
 
     def export(self) -> None:
@@ -392,7 +470,8 @@ class RLStage(TrainingLoop):
             return
         self.eval_after = self.evaluate()
         self.write_probe()
-        save_lora(self.model.transformer, self.run_dir / "lora", PolicyAdapters.CURRENT)
+        with self.eval_weights():  # rl.ema: the EMA of the trained LoRA is what is exported
+            save_lora(self.model.transformer, self.run_dir / "lora", PolicyAdapters.CURRENT)
         if self.job.rl.sft_model:
             n = merge_into_folder(self.job.rl.sft_model, self.run_dir / "lora", self.run_dir / "merged")
             log.info("%d LoRA layers merged into %s -> %s", n, self.job.rl.sft_model, self.run_dir / "merged")

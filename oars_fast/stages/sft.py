@@ -58,7 +58,7 @@ from ..data.heldout import held_out
 from ..data.images import make_grid, save_image
 from ..data.loader import ShardedLoader
 from ..errors import UserError
-from ..models.backbone import DTYPES, PromptEmbedding, SRBackbone, load_backbone
+from ..models.backbone import DTYPES, Condition, SRBackbone, load_backbone
 from ..models.flow import flow_matching_loss, sample_timesteps
 from ..models.lora import add_lora, merged_state_dict, save_lora, use_lora_kernel
 from ..models.sampler import per_sample_noise, sample_sr
@@ -157,7 +157,7 @@ class SFTStage(TrainingLoop):
         return {k: self.engine.local_tensor(p) for k, p in self.params.items()}
 
     @torch.no_grad()
-    def _latent_pool(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _latent_pool(self, n: int) -> tuple[torch.Tensor, Condition]:
         """Encode `n` samples once (own loader and generator, so the pool depends on the seed alone)."""
         loader = iter(ShardedLoader(self.dataset, self.micro, derive_seed(self.job.run.seed, _POOL, 1)))
         xs, cs = [], []
@@ -167,13 +167,14 @@ class SFTStage(TrainingLoop):
             lr = batch["lr"].to(self.device) if "lr" in batch else \
                 self.degrade(hr, seeds=derive_seeds(batch["seed"].tolist(), _DEGRADE))
             xs.append(self.model.encode(hr))
-            cs.append(self.model.encode_lr(lr))
+            cs.append(self.model.condition(lr))
         log.info("sft: latent pool of %d samples encoded once", n)
-        return torch.cat(xs)[:n], torch.cat(cs)[:n]
+        return torch.cat(xs)[:n], Condition.cat(cs)[:n]
 
     # ------------------------------------------------------------------------------------------
-    def _micro_batch(self) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """(x0, cond) latents of this rank's part of one micro-batch, and one seed per sample."""
+    def _micro_batch(self) -> tuple[torch.Tensor, Condition, list[int]]:
+        """(x0 latents, condition) of this rank's part of one micro-batch, and one seed per sample. The
+        condition (LR latents and, edit, the prompt with the image) is computed once per sample."""
         if self.pool is not None:
             d, n = self.dist, self.micro * self.dist.world
             idx = torch.randint(0, len(self.pool[0]), (n,), generator=self.gen_pool)[d.rank::d.world]
@@ -185,7 +186,7 @@ class SFTStage(TrainingLoop):
         hr = batch["hr"].to(self.device, non_blocking=True)
         lr = batch["lr"].to(self.device) if "lr" in batch else self.degrade(hr, seeds=derive_seeds(seeds, _DEGRADE))
         with torch.no_grad():
-            return self.model.encode(hr), self.model.encode_lr(lr), seeds
+            return self.model.encode(hr), self.model.condition(lr), seeds
 
     def train_step(self) -> dict:
         job = self.job
@@ -303,13 +304,11 @@ class SFTStage(TrainingLoop):
             state = merged_state_dict(tr)
         tmp = path.with_name(path.name + ".tmp")
         if self.dist.main:
+            plain = None
             if state is not None:
                 plain = QwenImageTransformer2DModel.from_config(tr.config)
                 plain.load_state_dict(state)
-                prompt = PromptEmbedding(self.model.prompt_embeds.cpu(), self.model.prompt_mask.cpu())
-                SRBackbone(plain, self.model.vae, prompt, self.model.scale).save_pretrained(tmp)
-            else:
-                self.model.save_pretrained(tmp)
+            self.model.save_pretrained(tmp, transformer=plain)
             if self.job.sft.train == "lora":
                 save_lora(tr, tmp / "lora")
         if backup is not None:
