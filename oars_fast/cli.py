@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from .config import DataJob, DemoBaseJob, InferJob, MergeJob, RLJob, SFTJob, describe, load_config, to_dict
+from .config import AnnotateJob, DataJob, DemoBaseJob, InferJob, MergeJob, RLJob, SFTJob, describe, load_config, to_dict
 from .errors import OarsError
 from .runtime.distributed import launched_world
 
@@ -39,6 +39,8 @@ COMMANDS: dict[str, Command] = {
                   "oars_fast.stages.rl:run"),
     "merge": Command("merge a LoRA delta (OARS: the RL LoRA) into a model's weights (OARS: the SFT model)",
                      MergeJob, "oars_fast.stages.merge:run"),
+    "annotate": Command("COMPASS annotation: anchors, pairwise ranking, calibration -> manifest", AnnotateJob,
+                        "oars_fast.stages.annotate:run"),
     "compass-sft": Command("train the COMPASS reward model", None, None, "the COMPASS reward model"),
     "eval": Command("PSNR / SSIM / DISTS of SR outputs against ground truth", None, None, "the eval stage"),
     "pipeline": Command("every stage in order, with its report", None, None, "the end-to-end pipeline"),

@@ -12,6 +12,7 @@ Batch sizes are global; :func:`per_rank` derives the per-rank micro-batch with a
 No config holds a world size: the launcher's is passed to :func:`load_config`.
 """
 from .components import (
+                         AnnotateConfig,
                          DataConfig,
                          DeepSpeedConfig,
                          DegradationConfig,
@@ -28,7 +29,7 @@ from .components import (
                          SFTConfig,
                          VAEPretrainConfig,
 )
-from .jobs import DataJob, DemoBaseJob, InferJob, MergeJob, RLJob, SFTJob
+from .jobs import AnnotateJob, DataJob, DemoBaseJob, InferJob, MergeJob, RLJob, SFTJob
 from .schema import (
                          ConfigError,
                          Section,
@@ -47,8 +48,8 @@ from .schema import (
 __all__ = [
     "ConfigError", "Section", "apply_overrides", "describe", "doc", "from_dict", "load_config", "per_rank",
     "resolve_config_path", "save_config", "shipped_config", "to_dict",
-    "DataConfig", "DeepSpeedConfig", "DegradationConfig", "DegradationPass", "InferConfig", "LoRAConfig",
-    "MergeConfig", "ModelConfig", "OptimizerConfig", "RewardConfig", "RLConfig", "RunConfig", "SamplerConfig",
-    "SFTConfig", "VAEPretrainConfig",
-    "DataJob", "DemoBaseJob", "InferJob", "MergeJob", "RLJob", "SFTJob",
+    "AnnotateConfig", "DataConfig", "DeepSpeedConfig", "DegradationConfig", "DegradationPass", "InferConfig",
+    "LoRAConfig", "MergeConfig", "ModelConfig", "OptimizerConfig", "RewardConfig", "RLConfig", "RunConfig",
+    "SamplerConfig", "SFTConfig", "VAEPretrainConfig",
+    "AnnotateJob", "DataJob", "DemoBaseJob", "InferJob", "MergeJob", "RLJob", "SFTJob",
 ]

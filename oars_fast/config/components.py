@@ -430,3 +430,31 @@ class InferConfig(Section):
         check_range(self, "batch_size", 1)
         check_range(self, "tile", 0)
         check_range(self, "tile_overlap", 0)
+
+
+@dataclass
+class AnnotateConfig(Section):
+    """The COMPASS annotation (oars_fast/stages/annotate.py has the algorithm and the folder layout)."""
+
+    lr_dir: str = doc("", "LR inputs, one per group (file stem = group id)")
+    sr_root: str = doc("", "SR outputs: <sr_root>/<method>/<stem>.<ext>, two or more methods per LR")
+    gt_dir: str | None = doc(None, "ground truth of the synthetic subset, matched by stem (real LQ groups: none)")
+    output: str = doc("", "manifest folder (default: the run folder)")
+    fidelity: Literal["dists", "ssim"] = doc("dists", "F_raw = 1 - DISTS(SR, GT), or SSIM (the classical stand-in "
+                                            "where the DISTS weights are absent)")
+    fidelity_percentiles: list[float] = doc(None, "F = clip((F_raw - lo) / (hi - lo), 0, 1), lo/hi these percentiles "
+                                            "of F_raw over the synthetic subset", factory=lambda: [1.0, 99.0])
+    dists_vgg: str | None = doc(None, "fidelity=dists: VGG16 weights in torchvision's layout")
+    dists_weights: str | None = doc(None, "fidelity=dists: DISTS alpha/beta weights.pt")
+    global_scorer: Literal["classical", "mllm"] = doc(
+        "classical", "stage 1 anchors on [1, 5]: classical (the documented no-reference proxy; offline) or mllm "
+        "(Q-Insight-style rating by annotate.mllm)")
+    comparator: Literal["classical", "mllm"] = doc("classical", "stage 2 pairwise judge: classical or mllm")
+    mllm: str | None = doc(None, "mllm scorers: a transformers vision-language model folder or hub id")
+    both_orders: bool = doc(True, "show every pair in both orders and average (cancels a judge's position bias)")
+    ranking: Literal["win_rate", "bradley_terry"] = doc("win_rate", "stage 2 aggregation to r in [0, 1]")
+    trim_fraction: float = doc(0.05, "fraction of pairs dropped where stage 1 and stage 3 disagree most")
+
+    def check(self) -> None:
+        check_range(self, "trim_fraction", 0.0, 1.0)
+        check_pair(self, "fidelity_percentiles", 0.0, 100.0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .components import (
+    AnnotateConfig,
     DataConfig,
     DeepSpeedConfig,
     DegradationConfig,
@@ -124,3 +125,11 @@ class InferJob(Section):
     sampler: SamplerConfig = section(SamplerConfig)
     infer: InferConfig = section(InferConfig)
     scale: int = doc(4, "super-resolution factor")
+
+
+@dataclass
+class AnnotateJob(Section):
+    """`oars-fast annotate`: the COMPASS three-stage annotation of SR outputs -> a training manifest."""
+
+    run: RunConfig = section(RunConfig)
+    annotate: AnnotateConfig = section(AnnotateConfig)
