@@ -15,7 +15,19 @@ from dataclasses import dataclass
 
 import yaml
 
-from .config import AnnotateJob, DataJob, DemoBaseJob, InferJob, MergeJob, RLJob, SFTJob, describe, load_config, to_dict
+from .config import (
+    AnnotateJob,
+    DataJob,
+    DemoBaseJob,
+    EvalPairsJob,
+    InferJob,
+    MergeJob,
+    RLJob,
+    SFTJob,
+    describe,
+    load_config,
+    to_dict,
+)
 from .errors import OarsError
 from .runtime.distributed import launched_world
 
@@ -42,6 +54,8 @@ COMMANDS: dict[str, Command] = {
     "annotate": Command("COMPASS annotation: anchors, pairwise ranking, calibration -> manifest", AnnotateJob,
                         "oars_fast.stages.annotate:run"),
     "compass-sft": Command("train the COMPASS reward model", None, None, "the COMPASS reward model"),
+    "eval-pairs": Command("pairwise accuracy of a quality scorer (COMPASS, DISTS, ...) on groups with preferences",
+                          EvalPairsJob, "oars_fast.stages.eval_pairs:run"),
     "eval": Command("PSNR / SSIM / DISTS of SR outputs against ground truth", None, None, "the eval stage"),
     "pipeline": Command("every stage in order, with its report", None, None, "the end-to-end pipeline"),
     "demo": Command("the whole pipeline on tiny models and bundled photos, on the CPU", None,

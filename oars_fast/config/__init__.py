@@ -22,6 +22,7 @@ from .components import (
                          MergeConfig,
                          ModelConfig,
                          OptimizerConfig,
+                         PairsConfig,
                          RewardConfig,
                          RLConfig,
                          RunConfig,
@@ -29,7 +30,7 @@ from .components import (
                          SFTConfig,
                          VAEPretrainConfig,
 )
-from .jobs import AnnotateJob, DataJob, DemoBaseJob, InferJob, MergeJob, RLJob, SFTJob
+from .jobs import AnnotateJob, DataJob, DemoBaseJob, EvalPairsJob, InferJob, MergeJob, RLJob, SFTJob
 from .schema import (
                          ConfigError,
                          Section,
@@ -49,7 +50,7 @@ __all__ = [
     "ConfigError", "Section", "apply_overrides", "describe", "doc", "from_dict", "load_config", "per_rank",
     "resolve_config_path", "save_config", "shipped_config", "to_dict",
     "AnnotateConfig", "DataConfig", "DeepSpeedConfig", "DegradationConfig", "DegradationPass", "InferConfig",
-    "LoRAConfig", "MergeConfig", "ModelConfig", "OptimizerConfig", "RewardConfig", "RLConfig", "RunConfig",
-    "SamplerConfig", "SFTConfig", "VAEPretrainConfig",
-    "AnnotateJob", "DataJob", "DemoBaseJob", "InferJob", "MergeJob", "RLJob", "SFTJob",
+    "LoRAConfig", "MergeConfig", "ModelConfig", "OptimizerConfig", "PairsConfig", "RewardConfig", "RLConfig",
+    "RunConfig", "SamplerConfig", "SFTConfig", "VAEPretrainConfig",
+    "AnnotateJob", "DataJob", "DemoBaseJob", "EvalPairsJob", "InferJob", "MergeJob", "RLJob", "SFTJob",
 ]

@@ -458,3 +458,22 @@ class AnnotateConfig(Section):
     def check(self) -> None:
         check_range(self, "trim_fraction", 0.0, 1.0)
         check_pair(self, "fidelity_percentiles", 0.0, 100.0)
+
+
+@dataclass
+class PairsConfig(Section):
+    """Pairwise accuracy of a scorer (oars_fast/stages/eval_pairs.py has the folder layout)."""
+
+    root: str = doc("", "folder of groups: <root>/<group>/lr.<ext>, [gt.<ext>], sr/<name>.<ext>, prefs.json")
+    scorer: Literal["compass", "compass_qsr", "dists", "ssim", "classical_nr", "lr_consistency"] = doc(
+        "compass", "compass (R), compass_qsr (Q_SR alone), dists / ssim (to gt), classical_nr (the annotation's "
+        "no-reference proxy), lr_consistency")
+    compass: str | None = doc(None, "COMPASS checkpoint folder (scorer=compass, compass_qsr)")
+    gamma: float = doc(7.0, "COMPASS R's gamma")
+    dists_vgg: str | None = doc(None, "scorer=dists: VGG16 weights in torchvision's layout")
+    dists_weights: str | None = doc(None, "scorer=dists: DISTS alpha/beta weights.pt")
+    delta: float = doc(0.0, "a pair is predicted a tie when |s_i - s_j| <= delta")
+
+    def check(self) -> None:
+        check_range(self, "delta", 0.0)
+        check_range(self, "gamma", 0.0, lo_open=True)

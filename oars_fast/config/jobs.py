@@ -17,6 +17,7 @@ from .components import (
     MergeConfig,
     ModelConfig,
     OptimizerConfig,
+    PairsConfig,
     RewardConfig,
     RLConfig,
     RunConfig,
@@ -133,3 +134,11 @@ class AnnotateJob(Section):
 
     run: RunConfig = section(RunConfig)
     annotate: AnnotateConfig = section(AnnotateConfig)
+
+
+@dataclass
+class EvalPairsJob(Section):
+    """`oars-fast eval-pairs`: pairwise accuracy of a quality scorer on groups with preferences."""
+
+    run: RunConfig = section(RunConfig)
+    pairs: PairsConfig = section(PairsConfig)
