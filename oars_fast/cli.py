@@ -17,6 +17,7 @@ import yaml
 
 from .config import (
     AnnotateJob,
+    CompassSFTJob,
     DataJob,
     DemoBaseJob,
     EvalPairsJob,
@@ -53,7 +54,8 @@ COMMANDS: dict[str, Command] = {
                      MergeJob, "oars_fast.stages.merge:run"),
     "annotate": Command("COMPASS annotation: anchors, pairwise ranking, calibration -> manifest", AnnotateJob,
                         "oars_fast.stages.annotate:run"),
-    "compass-sft": Command("train the COMPASS reward model", None, None, "the COMPASS reward model"),
+    "compass-sft": Command("train the COMPASS reward model on an annotation manifest", CompassSFTJob,
+                           "oars_fast.stages.compass_sft:run"),
     "eval-pairs": Command("pairwise accuracy of a quality scorer (COMPASS, DISTS, ...) on groups with preferences",
                           EvalPairsJob, "oars_fast.stages.eval_pairs:run"),
     "eval": Command("PSNR / SSIM / DISTS of SR outputs against ground truth", None, None, "the eval stage"),

@@ -477,3 +477,32 @@ class PairsConfig(Section):
     def check(self) -> None:
         check_range(self, "delta", 0.0)
         check_range(self, "gamma", 0.0, lo_open=True)
+
+
+@dataclass
+class CompassConfig(Section):
+    """The COMPASS reward model and its training (oars_fast/rewards/compass.py, oars_fast/stages/compass_sft.py)."""
+
+    model: str | None = doc(None, "base checkpoint: a Qwen3-VL (production: Qwen/Qwen3-VL-8B-Instruct) or Qwen2.5-VL "
+                            "folder or hub id, or a COMPASS folder to continue; null: the tiny random model (CPU)")
+    tiny_arch: Literal["qwen3vl", "qwen2.5vl"] = doc("qwen3vl", "model=null: the tiny model's architecture class")
+    dtype: Literal["fp32", "bf16"] = doc("fp32", "compute dtype (float32 master weights; bf16 under autocast)")
+    manifest: str = doc("", "annotation manifest (oars-fast annotate's manifest.jsonl)")
+    steps: int = doc(1000, "optimizer steps")
+    batch_size: int = doc(8, "pairs per step (global)")
+    f_weight: float = doc(1.0, "weight of the fidelity loss (F on [0, 1], masked where the label is absent)")
+    q_weight: float = doc(1.0, "weight of the quality losses ((Q - Q*) / 4, Q_LR and Q_SR on [1, 5])")
+    heldout_fraction: float = doc(0.1, "groups held out for the pairwise accuracy (by a hash of the group id)")
+    eval_every: int = doc(100, "pairwise accuracy on the held-out groups every N steps (0: only at the end)")
+    log_every: int = doc(1, "record every N-th step in the logs")
+    save_every: int = doc(200, "checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = doc(2, "how many complete checkpoints to keep")
+
+    def check(self) -> None:
+        for name in ("steps", "batch_size", "keep_checkpoints"):
+            check_range(self, name, 1)
+        for name in ("eval_every", "log_every", "save_every"):
+            check_range(self, name, 0)
+        check_range(self, "heldout_fraction", 0.0, 0.9)
+        check_range(self, "f_weight", 0.0)
+        check_range(self, "q_weight", 0.0)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from .components import (
     AnnotateConfig,
+    CompassConfig,
     DataConfig,
     DeepSpeedConfig,
     DegradationConfig,
@@ -142,3 +143,21 @@ class EvalPairsJob(Section):
 
     run: RunConfig = section(RunConfig)
     pairs: PairsConfig = section(PairsConfig)
+
+
+def _compass_optimizer() -> OptimizerConfig:
+    """Full-parameter fine-tuning of an 8B VL model: lr 1e-5, cosine after a short warm-up."""
+    return OptimizerConfig(lr=1e-5, weight_decay=0.01, warmup_steps=50, schedule="cosine")
+
+
+@dataclass
+class CompassSFTJob(Section):
+    """`oars-fast compass-sft`: full-parameter training of the COMPASS reward model on an annotation manifest."""
+
+    run: RunConfig = section(RunConfig)
+    compass: CompassConfig = section(CompassConfig)
+    optim: OptimizerConfig = section(_compass_optimizer)
+    deepspeed: DeepSpeedConfig = section(DeepSpeedConfig)
+
+    def check_world(self, world: int) -> None:
+        per_rank(self.compass.batch_size, world, self.optim.grad_accum, "compass.batch_size")

@@ -8,7 +8,8 @@ Input layout: ``annotate.lr_dir/<stem>.<ext>`` (one LR input per group), ``annot
   stand-in where the DISTS weights are absent), then normalised to [0, 1] over the synthetic subset:
   ``F = clip((F_raw - lo) / (hi - lo), 0, 1)`` with lo, hi the ``fidelity_percentiles`` (1st and 99th) of
   F_raw over every synthetic pair (written to ``summary.json``); real LQ groups have no F;
-* stage 1, global anchors: a :class:`~oars_fast.annotation.GlobalScorer` scores the LR and every SR on [1, 5]
+* stage 1, global anchors: a :class:`~oars_fast.annotation.GlobalScorer` scores the LR (bicubic-upsampled to
+  the SR size, as it is seen beside its outputs) and every SR on [1, 5]
   (``classical``: the documented no-reference proxy; ``mllm``: Q-Insight-style prompting of ``annotate.mllm``);
 * stage 2, intra-group ranking: a :class:`~oars_fast.annotation.PairwiseComparator` judges every pair of SR
   outputs given the LR, aggregated to r in [0, 1] by win rate (ties 0.5; ``ranking=bradley_terry`` as an option);
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..annotation import (
@@ -114,7 +116,9 @@ class Annotator:
         methods = sorted(g["sr"])
         srs = [load_image(g["sr"][m]) for m in methods]
         gt = load_image(g["gt"]) if g["gt"] else None
-        anchors = cached_scores(self.cache, self.scorer, [lr, *srs])
+        # the LR is judged as it is seen next to its outputs: bicubic-upsampled to the SR size
+        lr_view = F.interpolate(lr[None], size=srs[0].shape[-2:], mode="bicubic", align_corners=False)[0].clamp(0, 1)
+        anchors = cached_scores(self.cache, self.scorer, [lr_view, *srs])
         prefs = preference_matrix(len(srs), lambda i, j: cached_compare(self.cache, self.comparator, lr, srs[i],
                                                                         srs[j]), both_orders=self.cfg.both_orders)
         r = win_rate(prefs) if self.cfg.ranking == "win_rate" else bradley_terry(prefs)
