@@ -296,9 +296,15 @@ class VAEPretrainConfig(Section):
 
 @dataclass
 class RewardConfig(Section):
-    name: Literal["dists", "ssim", "lr_consistency", "custom"] = doc(
-        "dists", "dists | ssim | lr_consistency | custom: DISTS (FR, needs weights), SSIM (FR, classical stand-in for "
-        "DISTS), LR consistency (NR, classical stand-in until COMPASS lands), or any RewardFn named by `custom`")
+    name: Literal["dists", "ssim", "compass", "lr_consistency", "custom"] = doc(
+        "dists", "dists | ssim | compass | lr_consistency | custom: DISTS (FR, needs weights), SSIM (FR, classical "
+        "stand-in for DISTS), COMPASS (NR, a trained reward model: reward.compass), LR consistency (NR, classical), "
+        "or any RewardFn named by `custom`")
+    compass: str | None = doc(None, "name=compass: a trained COMPASS folder (oars-fast compass-sft's <run>/model)")
+    compass_variant: Literal["full", "dq_only", "no_fidelity"] = doc(
+        "full", "name=compass: full (R = F*Q_LR + F^(Q_LR/gamma)*(Q_SR - Q_LR)), dq_only (Q_SR - Q_LR) or no_fidelity "
+        "(F = 1: Q_SR); each mapped linearly from its exact range to [0, 1] (oars_fast/rewards/compass.py)")
+    compass_gamma: float = doc(7.0, "name=compass: gamma of R")
     custom: str | None = doc(None, "name=custom: 'package.module:factory'; factory(device) returns a RewardFn")
     custom_full_reference: bool = doc(False, "name=custom: whether that reward needs the ground truth")
     dists_vgg: str | None = doc(None, "VGG16 weights in torchvision's vgg16() layout (features.N.weight/bias)")
@@ -312,6 +318,7 @@ class RewardConfig(Section):
                               "name='custom'")
         check_range(self, "tau", 0.0, lo_open=True)
         check_range(self, "batch_size", 1)
+        check_range(self, "compass_gamma", 0.0, lo_open=True)
 
     @property
     def full_reference(self) -> bool:

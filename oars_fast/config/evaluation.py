@@ -10,7 +10,6 @@ from typing import Literal
 from .components import DegradationConfig, InferConfig, ModelConfig, RunConfig, SamplerConfig
 from .schema import ConfigError, Section, check_range, doc, section
 
-BENCHMARKS = ("folders", "realsr", "drealsr", "div2k_val", "realset")
 METRICS = Literal["psnr_y", "ssim_y", "psnr_rgb", "lr_consistency", "dists", "compass", "musiq", "liqe", "clipiqa",
                   "maniqa"]
 ALL_METRICS = ["psnr_y", "ssim_y", "psnr_rgb", "lr_consistency", "dists", "compass", "musiq", "liqe", "clipiqa",
@@ -63,7 +62,8 @@ class EvalConfig(Section):
                            "whose weights are not in pyiqa's cache is skipped; false lets pyiqa download them")
     degrade_seed: int = doc(20250101, "div2k_val from HR only: image i is degraded (Real-ESRGAN chain, "
                             "`degradation`) with seed (degrade_seed, i), the same LR on every machine")
-    overwrite: bool = doc(False, "recompute cached outputs (<run>/eval/<name>/ and the prepared inputs)")
+    overwrite: bool = doc(False, "recompute the model outputs cached in <run>/eval/<name>/ even when their LR, model "
+                          "and sampler settings are unchanged")
 
     def check(self) -> None:
         # eval.lr_dir / eval.root are checked when the job runs (the defaults must build: `--help` shows them)

@@ -104,7 +104,7 @@ class RLJob(Section):
                               "no-reference; choose one of ['dists', 'ssim']")
         if self.rl.mode == "nr" and self.reward.full_reference:
             raise ConfigError(f"rl.mode=nr needs a no-reference reward; reward.name={self.reward.name!r} is "
-                              "full-reference; choose one of ['lr_consistency']")
+                              "full-reference; choose one of ['compass', 'lr_consistency']")
 
     def check_world(self, world: int) -> None:
         per_rank(self.rl.inputs_per_iter, world, 1, "rl.inputs_per_iter")
