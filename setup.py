@@ -35,10 +35,12 @@ setup(
         "scikit-image>=0.22",
         "scikit-learn>=1.4",
         "scipy>=1.11",
+        "matplotlib>=3.7",
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda120"],
         "gpu": ["flash-attn"],
+        "nr-iqa": ["pyiqa"],
         "dev": ["pytest>=8.0", "pytest-timeout>=2.3", "ruff>=0.6", "build>=1.0"],
     },
     entry_points={"console_scripts": ["oars-fast=oars_fast.cli:main"]},

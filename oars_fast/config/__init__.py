@@ -31,6 +31,7 @@ from .components import (
     SFTConfig,
     VAEPretrainConfig,
 )
+from .evaluation import EvalConfig, EvalJob, ReportConfig, ReportJob
 from .jobs import (
     AnnotateJob,
     CompassSFTJob,
@@ -58,6 +59,7 @@ from .schema import (
 )
 
 __all__ = [
+    "EvalConfig", "EvalJob", "ReportConfig", "ReportJob",
     "ConfigError", "Section", "apply_overrides", "describe", "doc", "from_dict", "load_config", "per_rank",
     "resolve_config_path", "save_config", "shipped_config", "to_dict", "AnnotateConfig", "CompassConfig",
     "DataConfig", "DeepSpeedConfig", "DegradationConfig", "DegradationPass", "InferConfig", "LoRAConfig",
