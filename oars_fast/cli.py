@@ -24,6 +24,7 @@ from .config import (
     EvalPairsJob,
     InferJob,
     MergeJob,
+    PipelineJob,
     ReportJob,
     RLJob,
     SFTJob,
@@ -31,6 +32,7 @@ from .config import (
     load_config,
     to_dict,
 )
+from .config.pipeline import split_overrides
 from .errors import OarsError
 from .runtime.distributed import launched_world
 
@@ -65,7 +67,9 @@ COMMANDS: dict[str, Command] = {
                     "oars_fast.stages.eval:run"),
     "report": Command("report.html + report.png of a run: eval table, LR | models | HR grids with zooms, training "
                       "curves, perception-fidelity plot", ReportJob, "oars_fast.stages.report:run"),
-    "pipeline": Command("every stage in order, with its report", None, None, "the end-to-end pipeline"),
+    "pipeline": Command("every stage in order (demo: data, base, sft, annotation, COMPASS, FR-RL, NR-RL + merge, "
+                        "eval, report), resumable; key=value overrides for run.*/pipeline.* or any stage's section",
+                        PipelineJob, "oars_fast.stages.pipeline:run"),
     "demo": Command("the whole pipeline on tiny models and bundled photos, on the CPU", None,
                     "oars_fast.stages.demo:run"),
 }
@@ -111,12 +115,19 @@ def main(argv: list[str] | None = None) -> int:
             target = args.overrides
         else:
             overrides = list(args.overrides) + (["run.resume=true"] if args.resume else [])
+            own = extra = None
+            if cmd.job is PipelineJob:  # the pipeline's own keys; the rest go to its stages
+                own, extra = split_overrides(overrides)
+                overrides = own
             target = load_config(cmd.job, args.config, overrides, world=launched_world())
             if args.print_config:
                 print(yaml.safe_dump(to_dict(target), sort_keys=False))
                 return 0
         module, func = cmd.runner.split(":")
-        return int(getattr(importlib.import_module(module), func)(target) or 0)
+        fn = getattr(importlib.import_module(module), func)
+        if cmd.job is PipelineJob:
+            return int(fn(target, extra, own, args.config) or 0)
+        return int(fn(target) or 0)
     except OarsError as e:
         print(f"oars-fast {args.command}: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
         return e.exit_code

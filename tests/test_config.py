@@ -4,15 +4,20 @@ import pytest
 import yaml
 
 from oars_fast.config import (
+    AnnotateJob,
+    CompassSFTJob,
     ConfigError,
     DataConfig,
     DataJob,
     DegradationConfig,
     DegradationPass,
     DemoBaseJob,
+    EvalJob,
     InferJob,
     MergeJob,
     OptimizerConfig,
+    PipelineJob,
+    ReportJob,
     RLJob,
     SFTJob,
     load_config,
@@ -21,7 +26,9 @@ from oars_fast.config import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-JOBS = {"data": DataJob, "sft": SFTJob, "infer": InferJob, "base": DemoBaseJob, "rl": RLJob, "merge": MergeJob}
+JOBS = {"data": DataJob, "sft": SFTJob, "infer": InferJob, "base": DemoBaseJob, "rl": RLJob, "merge": MergeJob,
+        "annotate": AnnotateJob, "compass": CompassSFTJob, "eval": EvalJob, "report": ReportJob,
+        "pipeline": PipelineJob}
 
 
 def _job_for(path: Path):

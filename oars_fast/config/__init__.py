@@ -43,6 +43,7 @@ from .jobs import (
     RLJob,
     SFTJob,
 )
+from .pipeline import PipelineConfig, PipelineJob
 from .schema import (
     ConfigError,
     Section,
@@ -59,6 +60,7 @@ from .schema import (
 )
 
 __all__ = [
+    "PipelineConfig", "PipelineJob",
     "EvalConfig", "EvalJob", "ReportConfig", "ReportJob",
     "ConfigError", "Section", "apply_overrides", "describe", "doc", "from_dict", "load_config", "per_rank",
     "resolve_config_path", "save_config", "shipped_config", "to_dict", "AnnotateConfig", "CompassConfig",
