@@ -17,9 +17,14 @@ A :class:`Condition` carries both halves per sample (LR latents, prompt embeddin
 Latent conventions (as the Qwen-Image pipelines): images in [-1, 1] enter the VAE as a one-frame
 video (B, 3, 1, H, W); latents are normalised ``(z - latents_mean) / latents_std``; the VAE
 downsamples 8x, the transformer packs 2x2 latent patches, so output sides must be multiples of 16.
+
+Speed options, applied by :func:`load_backbone`: ``model.attention_backend`` (:func:`choose_attention`, logged
+once with its reason), ``model.checkpointing`` (:func:`set_checkpointing`: whole blocks or only their attention /
+feed-forward sub-modules) and ``model.compile=blocks`` (:func:`compile_blocks`, regional torch.compile).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from dataclasses import dataclass
@@ -29,9 +34,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+from diffusers.hooks import HookRegistry, ModelHook
 from safetensors.torch import load_file, save_file
+from torch.utils.checkpoint import checkpoint
 
-from ..config import ModelConfig
+from ..config import ConfigError, ModelConfig
 from ..errors import MissingFileError, UserError
 from .text_encoder import EditPromptEncoder, encode_text_prompt, tiny_edit_encoder
 
@@ -114,6 +121,8 @@ class SRBackbone(nn.Module):
     """Transformer + VAE + prompt side: ``condition(lr)``, ``velocity(x_t, t, cond)`` and the latent/image
     conversions. `prompt`: the fixed text embedding (``condition=text``); `prompt_encoder`: the edit
     encoder (``condition=edit``); `negative`: the fixed negative embedding for true CFG (text mode)."""
+
+    attention_backend = "sdpa"  # set by load_backbone (model.attention_backend): sdpa | cudnn | flash | sage
 
     def __init__(self, transformer: nn.Module, vae: nn.Module, prompt: PromptEmbedding | None, scale: int = 4,
                  prompt_encoder: EditPromptEncoder | None = None, instruction: str = "",
@@ -215,6 +224,11 @@ class SRBackbone(nn.Module):
             embeds, mask = self.prompt_embeds.expand(b, -1, -1), self.prompt_mask.expand(b, -1)
         else:
             raise ValueError("condition=edit: velocity needs a Condition with the prompt (SRBackbone.condition(lr))")
+        if mask is not None and bool(mask.all()):
+            mask = None  # no padding: the same result, and attention kernels without mask support can run
+        elif mask is not None and self.attention_backend == "flash":
+            raise UserError("model.attention_backend=flash: flash-attn 2 takes no attention mask and these prompts "
+                            "are padded (different lengths in one batch): use sdpa or cudnn")
         out = self.transformer(
             hidden_states=tokens,
             encoder_hidden_states=embeds.to(tdtype),
@@ -246,17 +260,107 @@ class SRBackbone(nn.Module):
         (path / META_FILE).write_text(json.dumps(meta))
 
 
-def _set_attention_backend(transformer: nn.Module, backend: str) -> None:
-    if backend == "auto":
-        try:
-            import flash_attn  # noqa: F401  (availability probe)
+# model.attention_backend -> diffusers' attention backend name
+_DIFFUSERS_ATTENTION = {"sdpa": "native", "cudnn": "_native_cudnn", "flash": "flash", "sage": "sage"}
 
-            backend = "flash" if torch.cuda.is_available() else "native"
-        except ImportError:
-            backend = "native"
-    if backend != "native":
-        transformer.set_attention_backend(backend)
-    log.info("attention backend: %s", backend)
+
+def _flash_attn_installed() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def choose_attention(choice: str, device: torch.device | str, dtype: str) -> tuple[str, str]:
+    """``model.attention_backend`` -> (backend: sdpa | cudnn | flash | sage, the reason). auto: cuDNN SDPA on
+    Hopper or newer with bf16/fp16 (PyTorch 2.5's release notes report it well ahead of flash-attn 2 on H100; not
+    measured here), else flash-attn 2 when installed (CUDA, bf16/fp16), else PyTorch SDPA. An explicit choice that
+    cannot run on `device` / `dtype` raises a :class:`ConfigError` saying why."""
+    cuda = torch.device(device).type == "cuda"
+    half = dtype in ("bf16", "fp16")
+    if choice == "native":
+        choice = "sdpa"
+    if choice == "auto":
+        if not cuda:
+            return "sdpa", f"auto: no CUDA device ({torch.device(device).type}): PyTorch SDPA"
+        if not half:
+            return "sdpa", f"auto: model.dtype={dtype}: cuDNN and flash-attn need bf16/fp16, PyTorch SDPA"
+        major, minor = torch.cuda.get_device_capability(torch.device(device))
+        if major >= 9 and torch.backends.cudnn.is_available():
+            return "cudnn", f"auto: sm_{major}{minor} (Hopper or newer) with {dtype}: cuDNN SDPA"
+        if _flash_attn_installed():
+            return "flash", f"auto: sm_{major}{minor}, flash-attn installed, {dtype}: flash-attn 2"
+        return "sdpa", f"auto: sm_{major}{minor} without flash-attn: PyTorch SDPA (it picks its own kernel)"
+    if choice == "sdpa":
+        return "sdpa", "model.attention_backend=sdpa: PyTorch SDPA (it picks its own kernel)"
+    needs = {"cudnn": "cuDNN attention", "flash": "the flash-attn package", "sage": "the sageattention package"}[choice]
+    if not cuda:
+        raise ConfigError(f"model.attention_backend={choice} needs a CUDA device ({needs}); this run is on "
+                          f"{torch.device(device).type}: use sdpa or auto")
+    if choice in ("cudnn", "flash") and not half:
+        raise ConfigError(f"model.attention_backend={choice} needs model.dtype bf16 or fp16, not {dtype}: use sdpa")
+    if choice == "cudnn" and not torch.backends.cudnn.is_available():
+        raise ConfigError("model.attention_backend=cudnn: this PyTorch build has no cuDNN: use sdpa")
+    if choice == "flash" and not _flash_attn_installed():
+        raise ConfigError("model.attention_backend=flash: the flash-attn package is not installed (pip install "
+                          "flash-attn): use sdpa, cudnn or auto")
+    return choice, f"model.attention_backend={choice}"
+
+
+def _set_attention_backend(model: SRBackbone, choice: str, device, dtype: str) -> None:
+    backend, reason = choose_attention(choice, device, dtype)
+    if backend != "sdpa":
+        try:
+            model.transformer.set_attention_backend(_DIFFUSERS_ATTENTION[backend])
+        except (RuntimeError, ValueError) as e:  # diffusers' own requirement checks (package versions)
+            raise ConfigError(f"model.attention_backend={choice}: {str(e).splitlines()[0]}") from None
+    model.attention_backend = backend
+    log.info("attention backend: %s (%s)", backend, reason)
+
+
+class _Recompute(ModelHook):
+    """A diffusers model hook: the module's forward runs under non-reentrant ``torch.utils.checkpoint`` when
+    gradients are on (its activations are dropped after the forward and recomputed in backward)."""
+
+    NAME = "oars_fast_checkpoint"
+
+    def new_forward(self, module: nn.Module, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return self.fn_ref.original_forward(*args, **kwargs)
+        return checkpoint(self.fn_ref.original_forward, *args, use_reentrant=False, **kwargs)
+
+
+# model.checkpointing -> the sub-modules of each transformer block whose forward is recomputed
+_SELECTIVE = {"attention": ("attn",), "mlp": ("img_mlp", "txt_mlp")}
+
+
+def set_checkpointing(transformer: nn.Module, mode: str) -> int:
+    """Activation checkpointing (``model.checkpointing``): full = each whole block (diffusers' gradient
+    checkpointing); attention / mlp = only that sub-module of each block (through diffusers' hook registry,
+    so module names and state-dict keys stay as they are). Returns the number of checkpointed modules."""
+    if mode == "none":
+        return 0
+    if mode == "full":
+        transformer.enable_gradient_checkpointing()
+        log.info("model.checkpointing=full: %d blocks recomputed in backward", len(transformer.transformer_blocks))
+        return len(transformer.transformer_blocks)
+    n = 0
+    for block in transformer.transformer_blocks:
+        for name in _SELECTIVE[mode]:
+            HookRegistry.check_if_exists_or_initialize(getattr(block, name)).register_hook(_Recompute(),
+                                                                                            _Recompute.NAME)
+            n += 1
+    log.info("model.checkpointing=%s: %d sub-modules recomputed in backward", mode, n)
+    return n
+
+
+def compile_blocks(transformer: nn.Module) -> int:
+    """Regional torch.compile (``model.compile=blocks``): each transformer block compiled on its own
+    (diffusers' ``compile_repeated_blocks``, i.e. ``block.compile()``); the blocks share one compiled code.
+    Compilation is lazy (the first call traces), so LoRA layers injected after this (peft, then
+    :func:`~oars_fast.models.lora.use_lora_kernel`) are in the graph; a change after the first call
+    recompiles (dynamo's guards). Returns the number of blocks."""
+    transformer.compile_repeated_blocks()
+    n = len(transformer.transformer_blocks)
+    log.info("model.compile=blocks: %d transformer blocks compiled with torch.compile (regional; on first use)", n)
+    return n
 
 
 def build_tiny(cfg: ModelConfig, seed: int = 0, scale: int = 4) -> SRBackbone:
@@ -321,9 +425,10 @@ def load_backbone(cfg: ModelConfig, scale: int = 4, device: torch.device | str =
             model = SRBackbone(transformer, vae, None, scale, encoder, cfg.prompt)
         else:
             model = SRBackbone(transformer, vae, _text_prompt(cfg, src, local, device), scale)
-    _set_attention_backend(model.transformer, cfg.attention_backend)
-    if cfg.gradient_checkpointing:
-        model.transformer.enable_gradient_checkpointing()
+    _set_attention_backend(model, cfg.attention_backend, device, cfg.dtype)
+    set_checkpointing(model.transformer, cfg.recompute)
+    if cfg.compile == "blocks":
+        compile_blocks(model.transformer)
     if transformer_on_cpu:
         for name, child in model.named_children():
             if name != "transformer":

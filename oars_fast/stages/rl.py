@@ -23,7 +23,10 @@ One iteration, as the loop in :meth:`RLStage.train_iteration` reads:
    ``update_times`` backwards per kept candidate (``update_times`` in the log line). Flow-GRPO: per SDE
    step, the ratio of the current to the rollout log-probability of the taken transition, the clipped
    surrogate with the clipped advantages, plus ``kl * ||mu - mu_ref||^2 / (2 sigma_t^2)`` on the
-   transition means (flow_grpo);
+   transition means (flow_grpo). ``rl.ref_every = N > 1`` (both objectives): the reference forward runs
+   for about 1/N of the (candidate, time) terms (:func:`ref_terms`), their KL weighted by N (an unbiased
+   estimate of the full KL term): ``(2 + 1/N)`` forwards per term instead of 3 (``ref_forwards`` and
+   ``ref_rows`` in the log line);
 5. NFT: old policy ``old <- eta * old + (1 - eta) * current``, eta from ``rl.eta_schedule``; both
    objectives: the EMA of the trained LoRA (``rl.ema``, DiffusionNFT's ``train.ema``) that the held-out
    evaluation and the export use.
@@ -90,7 +93,7 @@ from .runner import TrainingLoop, run_stage
 log = logging.getLogger(__name__)
 
 # derive_seeds tags: each random draw from its own stream
-_DEGRADE, _ROLLOUT, _UPDATE, _NOISE = 0, 1, 2, 3
+_DEGRADE, _ROLLOUT, _UPDATE, _NOISE, _REF = 0, 1, 2, 3, 5
 _EVAL_SEED, _PROBE_SEED = 4242, 31337  # fixed candidates for the held-out evaluation and the probe grid
 
 
@@ -124,6 +127,19 @@ def update_times(seeds: list[int], sigmas: torch.Tensor, mode: str, n: int) -> t
     return torch.stack(rows) if rows else torch.zeros(0, n)
 
 
+def ref_terms(seeds: list[int], passes: int, every: int) -> torch.Tensor:
+    """(len(seeds), passes) bool: the (candidate, pass) terms whose KL the update estimates (``rl.ref_every`` = N).
+    N = 1: all. Otherwise systematic sampling per candidate: an offset o in [0, N) drawn from the candidate's
+    own seed, the passes p with (p + o) % N == 0; each term is selected with probability exactly 1/N, so
+    weighting a selected term's KL by N leaves the KL's expectation unchanged."""
+    if every == 1:
+        return torch.ones(len(seeds), passes, dtype=torch.bool)
+    p = torch.arange(passes)
+    rows = [(p + int(torch.randint(every, (1,), generator=torch.Generator().manual_seed(int(sd))))) % every == 0
+            for sd in seeds]
+    return torch.stack(rows) if rows else torch.zeros(0, passes, dtype=torch.bool)
+
+
 def grpo_surrogate(log_prob: torch.Tensor, old_log_prob: torch.Tensor, adv: torch.Tensor,
                    clip: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Flow-GRPO's clipped surrogate ``mean(max(-A ratio, -A clamp(ratio, 1 - clip, 1 + clip)))``; (loss, ratio)."""
@@ -134,7 +150,12 @@ def grpo_surrogate(log_prob: torch.Tensor, old_log_prob: torch.Tensor, adv: torc
 def grpo_kl(step: SDEStep, ref: SDEStep) -> torch.Tensor:
     """Flow-GRPO's KL term of one SDE step: ``mean((mu - mu_ref)^2) / (2 sigma_t^2)`` per sample (the
     transition means under the policy and the base), batch-averaged."""
-    return (((step.mean - ref.mean) ** 2).flatten(1).mean(1) / (2 * step.std**2)).mean()
+    return grpo_kl_rows(step.mean, ref.mean, step.std).mean()
+
+
+def grpo_kl_rows(mean: torch.Tensor, ref_mean: torch.Tensor, std: float) -> torch.Tensor:
+    """:func:`grpo_kl` per sample, (B,)."""
+    return ((mean - ref_mean) ** 2).flatten(1).mean(1) / (2 * std**2)
 
 
 class RLStage(TrainingLoop):
@@ -173,6 +194,8 @@ class RLStage(TrainingLoop):
                                       micro_batch=self.groups * rl.group_size, model_dtype=job.model.dtype)
         self.reward_fn = build_reward(job.reward, self.device)
         times = f", {rl.update_times} {rl.train_timesteps} update times per candidate" if rl.objective == "nft" else ""
+        if rl.ref_every > 1 and rl.kl > 0:
+            times += f", reference forward on ~1/{rl.ref_every} of the update terms (KL weighted x{rl.ref_every})"
         log.info("rl: mode %s, objective %s, reward %s, K=%d, %d-step rollouts, %d group(s) x %d rank(s), KL weight "
                  "%g, condition %s%s", rl.mode, rl.objective, self.reward_fn.name, rl.group_size, rl.rollout_steps,
                  self.groups, d.world, rl.kl, self.model.condition_kind, times)
@@ -280,7 +303,8 @@ class RLStage(TrainingLoop):
         n_terms = n_global * passes
         seeds_t = derive_seeds(ids[idx].tolist(), self.job.run.seed, _UPDATE, self.step)
         times = update_times(seeds_t, ro.sigmas, rl.train_timesteps, passes).to(self.device)  # (kept rows, passes)
-        sums = {"loss": 0.0, "pos": 0.0, "neg": 0.0, "kl": 0.0, "dv": 0.0}
+        ref_sel = self._ref_terms(ids[idx], passes)  # (kept rows, passes) bool; None: no KL
+        sums = {"loss": 0.0, "pos": 0.0, "neg": 0.0, "kl": 0.0, "dv": 0.0, "ref_forwards": 0, "ref_rows": 0}
         for n, (tau, sl) in enumerate(items):
             j, real = self._rows(idx, sl)
             x0, cond, rr = ro.x0[j], ro.cond[j], r[j]
@@ -290,23 +314,54 @@ class RLStage(TrainingLoop):
             tb = t.view(-1, 1, 1, 1)
             x_t, v_target = (1 - tb) * x0 + tb * eps, eps - x0
             v_old = self._v(x_t, t, cond, "old")
-            v_ref = self._v(x_t, t, cond, "ref") if rl.kl > 0 else None
+            sel = self._item_ref(ref_sel, sl, tau, real, len(j))
+            v_ref = part = None
+            if sel is not None and bool(sel.all()):  # rl.ref_every = 1: every term (the reference code)
+                v_ref = self._v(x_t, t, cond, "ref")
+            elif sel is not None and bool(sel.any()):  # only the selected rows run the reference
+                part = self._v(x_t[sel], t[sel], cond[sel], "ref")
             v_theta = self._v(x_t, t, cond, None)
-            loss, st = nft_loss_with_stats(v_theta, v_old, v_target, t, rr, rl.beta, v_ref, rl.kl,
+            if part is not None:  # the others: v_ref = v_theta (no KL, no KL gradient)
+                v_ref = v_theta.detach().clone()
+                v_ref[sel] = part.to(v_ref.dtype)
+            if v_ref is not None:
+                sums["ref_forwards"] += 1
+                sums["ref_rows"] += int(sel.sum()) if real else 0
+            loss, st = nft_loss_with_stats(v_theta, v_old, v_target, t, rr, rl.beta, v_ref,
+                                           rl.kl * rl.ref_every if v_ref is not None else 0.0,
                                            policy_weight=rl.adv_clip)
             w = len(j) / n_terms if real else 0.0
             self.engine.backward(loss * (w * self.dist.world), last=n == len(items) - 1)
             sums["loss"] += float(loss.detach()) * w
-            for key in ("pos", "neg", "kl"):
+            for key in ("pos", "neg"):
                 sums[key] += float(st[key]) * w
+            sums["kl"] += float(st["kl"]) * (rl.ref_every * w)  # the unbiased estimate of the full KL
             sums["dv"] += float((v_theta.detach().float() - v_old.float()).abs().mean()) * w
         return self._reduce(sums)
+
+    def _ref_terms(self, ids: torch.Tensor, passes: int) -> torch.Tensor | None:
+        """Which (kept row, pass) terms run the reference forward (:func:`ref_terms`, seeded per candidate and
+        iteration: independent of ranks and micro-batches); None when the KL weight is 0."""
+        rl = self.job.rl
+        if rl.kl <= 0:
+            return None
+        seeds = derive_seeds(ids.tolist(), self.job.run.seed, _REF, self.step)
+        return ref_terms(seeds, passes, rl.ref_every).to(self.device)
+
+    def _item_ref(self, ref_sel: torch.Tensor | None, sl: slice, tau: int, real: bool, rows: int):
+        """The rows of a work item that run the reference (bool (rows,)); None: none (KL weight 0). A padding
+        item runs it only with ref_every = 1 (as before; its weight is 0 either way)."""
+        if ref_sel is None:
+            return None
+        if not real:
+            return torch.full((rows,), self.job.rl.ref_every == 1, dtype=torch.bool, device=self.device)
+        return ref_sel[sl, tau]
 
     def _reduce(self, sums: dict) -> dict:
         """Per-rank weighted sums -> global means (weights already divide by the global count)."""
         keys = list(sums)
         tot = distributed.all_reduce(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.device))
-        return {k: float(v) for k, v in zip(keys, tot)}
+        return {k: int(v) if isinstance(sums[k], int) else float(v) for k, v in zip(keys, tot)}
 
     def update_flow_grpo(self, ro: Rollout, r: torch.Tensor, idx: torch.Tensor, ids: torch.Tensor) -> dict:
         """Per SDE step of the (on-policy) rollout: the clipped surrogate of the transition's probability
@@ -317,7 +372,8 @@ class RLStage(TrainingLoop):
         steps = ro.log_probs.shape[1]  # SDE steps (the last, to sigma = 0, is deterministic)
         items, n_global = self._work(len(idx), steps)
         n_terms = n_global * steps
-        sums = {"loss": 0.0, "kl": 0.0, "ratio": 0.0, "clipfrac": 0.0}
+        ref_sel = self._ref_terms(ids[idx], steps)  # (kept rows, SDE steps) bool; None: no KL
+        sums = {"loss": 0.0, "kl": 0.0, "ratio": 0.0, "clipfrac": 0.0, "ref_forwards": 0, "ref_rows": 0}
         for n, (i, sl) in enumerate(items):
             j, real = self._rows(idx, sl)
             s, s_next = float(sig[i]), float(sig[i + 1])
@@ -327,11 +383,20 @@ class RLStage(TrainingLoop):
                             x_next=x_next)
             loss, ratio = grpo_surrogate(step.log_prob, ro.log_probs[j, i], adv[j], rl.grpo_clip)
             kl = torch.zeros((), device=self.device)
-            if rl.kl > 0:
+            sel = self._item_ref(ref_sel, sl, i, real, len(j))
+            if sel is not None and bool(sel.all()) and rl.ref_every == 1:  # every term (the reference code)
                 ref = sde_step(x, self._v(x, t, cond, "ref").float(), s, s_next, float(sig[1]), rl.noise_level,
                                x_next=x_next)
                 kl = grpo_kl(step, ref)
                 loss = loss + rl.kl * kl
+            elif sel is not None and bool(sel.any()):  # the selected rows, their KL weighted by N (rl.ref_every)
+                ref = sde_step(x[sel], self._v(x[sel], t[sel], cond[sel], "ref").float(), s, s_next, float(sig[1]),
+                               rl.noise_level, x_next=x_next[sel])
+                kl = grpo_kl_rows(step.mean[sel], ref.mean, step.std).sum() * rl.ref_every / len(j)
+                loss = loss + rl.kl * kl
+            if sel is not None and bool(sel.any()):
+                sums["ref_forwards"] += 1
+                sums["ref_rows"] += int(sel.sum()) if real else 0
             w = len(j) / n_terms if real else 0.0
             self.engine.backward(loss * (w * self.dist.world), last=n == len(items) - 1)
             sums["loss"] += float(loss.detach()) * w
