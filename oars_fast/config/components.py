@@ -136,10 +136,33 @@ class ModelConfig(Section):
         "trained with (an oars-fast folder's own; edit for a checkpoint with a text encoder, e.g. "
         "Qwen/Qwen-Image-Edit-2509; text for the tiny model)")
     dtype: Literal["fp32", "bf16", "fp16"] = doc("fp32", "fp32 | bf16 | fp16 (weights and compute)")
-    attention_backend: Literal["auto", "native", "flash", "sage"] = doc(
-        "auto", "auto | native | flash | sage: diffusers attention backend (auto: flash when installed, else PyTorch "
-        "SDPA)")
-    gradient_checkpointing: bool = doc(False, "recompute transformer blocks in backward")
+    attention_backend: Literal["auto", "sdpa", "native", "cudnn", "flash", "sage"] = doc(
+        "auto", "auto | sdpa | native | cudnn | flash | sage: the transformer's attention kernel (diffusers' attention "
+        "dispatch). sdpa: PyTorch scaled_dot_product_attention, PyTorch picking its kernel (native: the same, "
+        "diffusers' name); cudnn: SDPA restricted to cuDNN attention (CUDA, bf16/fp16); flash: the flash-attn 2 "
+        "package (CUDA, bf16/fp16; no attention mask: prompts must be unpadded, as they are with one fixed prompt or "
+        "equal-length ones); sage: SageAttention (CUDA, the sageattention package). auto: cuDNN on Hopper or newer "
+        "(sm_90+) with bf16/fp16, else flash-attn when installed (CUDA, bf16/fp16), else sdpa. The choice and its "
+        "reason are logged once at load; an unavailable choice is a config error")
+    gradient_checkpointing: bool = doc(False, "deprecated alias: true means checkpointing=full (used only while "
+                                       "`checkpointing` is unset)")
+    checkpointing: Literal["none", "full", "attention", "mlp"] | None = doc(
+        None, "activation checkpointing of the transformer in backward: none | full (each whole block recomputed, "
+        "diffusers' gradient checkpointing) | attention (only each block's joint attention module: QKV and output "
+        "projections, QK norms, RoPE, SDPA) | mlp (only each block's two feed-forwards, image and text). null: from "
+        "the deprecated gradient_checkpointing (true: full, false: none)")
+    compile: Literal["none", "blocks"] = doc(
+        "none", "none | blocks: regional torch.compile of each transformer block (diffusers' compile_repeated_blocks: "
+        "block.compile(); compiled lazily at the first call, so the LoRA layers injected after loading are part of the "
+        "graph). Costs a compile per block signature and adapter state (current / old / ref, grad or not) at the "
+        "start; worth it on a GPU, not for the tiny CPU model")
+
+    @property
+    def recompute(self) -> str:
+        """The activation checkpointing in effect: `checkpointing`, else the deprecated boolean's."""
+        if self.checkpointing is not None:
+            return self.checkpointing
+        return "full" if self.gradient_checkpointing else "none"
 
 
 @dataclass
@@ -351,6 +374,15 @@ class RLConfig(Section):
         None, "KL weight to the base model (adapters off); 0: no reference pass. null: the objective's reference "
         "default: NFT 1e-4 on ||v_theta - v_ref||^2 (DiffusionNFT), Flow-GRPO 0.04 on ||mu - mu_ref||^2 / "
         "(2 sigma_t^2) of the SDE transition means (flow_grpo)")
+    ref_every: int = doc(
+        1, "N: how often the update runs the reference forward (base, adapters off) for the KL term. 1: for every "
+        "(candidate, time) term, as the reference code. N > 1: for about 1/N of them: per candidate and iteration a "
+        "random offset o in [0, N) from the candidate's own seed selects the update passes p with (p + o) mod N = 0; "
+        "a selected term's KL is weighted by N, the others have none (no forward; v_ref = v_theta there, so zero KL "
+        "and zero KL gradient). Each term is selected with probability exactly 1/N, so E[N * 1{selected} * KL] = KL: "
+        "an unbiased estimator of the full KL term, with more variance (small beside the policy term at kl_weight "
+        "1e-4). Saves (1 - 1/N) of the reference forwards: per term (2 + 1/N) forwards + 1 backward instead of 3 + 1. "
+        "nft and flow_grpo alike (flow_grpo: per SDE step); the log line counts ref_forwards and ref_rows")
     adv_clip: float = doc(5.0, "advantage clip before mapping to r in [0, 1]; NFT also scales the policy term by it "
                           "(DiffusionNFT's adv_clip_max)")
     global_std: bool = doc(True, "normalise advantages by the std of all the iteration's rewards (DiffusionNFT) "
@@ -389,6 +421,7 @@ class RLConfig(Section):
             check_range(self, "kl_weight", 0.0)
         check_range(self, "adv_clip", 0.0, lo_open=True)
         check_range(self, "grpo_clip", 0.0, lo_open=True)
+        check_range(self, "ref_every", 1)
         check_range(self, "eta_rate", 0.0)
         check_range(self, "eta_max", 0.0, 1.0)
         for name in ("eval_inputs", "eval_every", "log_every", "probe_every", "save_every"):
@@ -490,15 +523,57 @@ class PairsConfig(Section):
 class CompassConfig(Section):
     """The COMPASS reward model and its training (oars_fast/rewards/compass.py, oars_fast/stages/compass_sft.py)."""
 
-    model: str | None = doc(None, "base checkpoint: a Qwen3-VL (production: Qwen/Qwen3-VL-8B-Instruct) or Qwen2.5-VL "
-                            "folder or hub id, or a COMPASS folder to continue; null: the tiny random model (CPU)")
+    model: str | None = doc(
+        None,
+        "base checkpoint: a Qwen3-VL (production: Qwen/Qwen3-VL-8B-Instruct) or Qwen2.5-VL "
+        "folder or hub id, or a COMPASS folder to continue; null: the tiny random model (CPU)",
+    )
     tiny_arch: Literal["qwen3vl", "qwen2.5vl"] = doc("qwen3vl", "model=null: the tiny model's architecture class")
+    min_pixels: int | None = doc(
+        None,
+        "image pixel budget, lower end: smaller images are upscaled to it (null: the "
+        "model's own: 256*256 for a Qwen-VL checkpoint, 32*32 for the tiny model); saved "
+        "with the trained model, so RL and eval score at the same size",
+    )
+    max_pixels: int | None = doc(
+        None, "image pixel budget, upper end: larger images are downscaled (null: the model's own: 512*512, tiny 64*64)"
+    )
     dtype: Literal["fp32", "bf16"] = doc("fp32", "compute dtype (float32 master weights; bf16 under autocast)")
     manifest: str = doc("", "annotation manifest (oars-fast annotate's manifest.jsonl)")
     steps: int = doc(1000, "optimizer steps")
     batch_size: int = doc(8, "pairs per step (global)")
+    candidates_per_group: int = doc(
+        0,
+        "batch structure: 0 = pairs drawn at random across groups; k >= 2 = batches "
+        "of batch_size/k groups with k candidates (SR outputs of one LR) each, whole "
+        "groups per rank (the ranking loss needs k >= 2; the per-rank micro-batch must be "
+        "a multiple of k)",
+    )
+    augment: bool = doc(
+        False,
+        "flip / quarter-turn each training pair (LR and SR alike; one of 8 at random, flips "
+        "only for non-square images): quality and fidelity do not depend on orientation",
+    )
     f_weight: float = doc(1.0, "weight of the fidelity loss (F on [0, 1], masked where the label is absent)")
     q_weight: float = doc(1.0, "weight of the quality losses ((Q - Q*) / 4, Q_LR and Q_SR on [1, 5])")
+    rank_weight: float = doc(
+        0.0,
+        "weight of the within-group pairwise ranking loss (logistic, on the pairs of one "
+        "group whose labels differ; needs candidates_per_group >= 2); 0: score losses only",
+    )
+    rank_on: list[Literal["q_sr", "f", "r"]] = doc(
+        None,
+        "what the ranking loss orders: q_sr (Q_SR by its label), f (F, where both labels exist), r (the reward "
+        "R by R of the labels, where F exists)",
+        factory=lambda: ["q_sr", "f"],
+    )
+    rank_sharpness: float = doc(
+        10.0,
+        "ranking loss: softplus(-sharpness * (s_i - s_j) / range) for label s_i* > s_j* (range 4 for Q and R, 1 for F)",
+    )
+    rank_margin: float = doc(
+        0.02, "ranking loss: pairs whose labels differ by less than this fraction of the range are ties and left out"
+    )
     heldout_fraction: float = doc(0.1, "groups held out for the pairwise accuracy (by a hash of the group id)")
     eval_every: int = doc(100, "pairwise accuracy on the held-out groups every N steps (0: only at the end)")
     log_every: int = doc(1, "record every N-th step in the logs")
@@ -508,8 +583,29 @@ class CompassConfig(Section):
     def check(self) -> None:
         for name in ("steps", "batch_size", "keep_checkpoints"):
             check_range(self, name, 1)
-        for name in ("eval_every", "log_every", "save_every"):
+        for name in ("eval_every", "log_every", "save_every", "candidates_per_group"):
             check_range(self, name, 0)
         check_range(self, "heldout_fraction", 0.0, 0.9)
         check_range(self, "f_weight", 0.0)
         check_range(self, "q_weight", 0.0)
+        check_range(self, "rank_weight", 0.0)
+        check_range(self, "rank_sharpness", 0.0, lo_open=True)
+        check_range(self, "rank_margin", 0.0, 1.0)
+        for name in ("min_pixels", "max_pixels"):
+            if getattr(self, name) is not None:
+                check_range(self, name, 1)
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
+            raise ConfigError(f"CompassConfig.min_pixels={self.min_pixels} exceeds max_pixels={self.max_pixels}")
+        if self.candidates_per_group == 1:
+            raise ConfigError("CompassConfig.candidates_per_group=1: use 0 (random pairs) or >= 2 (groups of k)")
+        if self.candidates_per_group and self.batch_size % self.candidates_per_group:
+            raise ConfigError(
+                f"CompassConfig.batch_size={self.batch_size} is not a multiple of "
+                f"candidates_per_group={self.candidates_per_group}"
+            )
+        if self.rank_weight > 0 and self.candidates_per_group < 2:
+            raise ConfigError(
+                "CompassConfig.rank_weight > 0 needs candidates_per_group >= 2 (pairs of one group in a batch)"
+            )
+        if self.rank_weight > 0 and not self.rank_on:
+            raise ConfigError("CompassConfig.rank_weight > 0 needs at least one of q_sr, f, r in rank_on")

@@ -42,7 +42,8 @@ PANELS = [  # (title, jsonl keys plotted together)
     ("loss", ["loss", "val_loss", "eval_loss"]),
     ("reward (mean)", ["reward", "eval_reward"]),
     ("kept group fraction", ["kept"]),
-    ("pairwise accuracy", ["pairwise_accuracy", "accuracy", "val_accuracy", "eval_accuracy", "val_pairwise_accuracy"]),
+    ("pairwise accuracy", ["heldout_pair_acc", "heldout_pair_acc_qsr", "pairwise_accuracy", "accuracy",
+                           "val_accuracy", "eval_accuracy", "val_pairwise_accuracy"]),
 ]
 
 
