@@ -1,15 +1,34 @@
-# Sourced by the GPU check scripts, from the repo root, with OUT_DIR set: resolves OUT_DIR, installs
-# the carried wheels (.whl/: diffusers, deepspeed, kornia) into /tmp/site, copies the package to
-# /tmp/oars with kernels/ placed as oars_fast/kernels (no pip install there), and cds into it.
+# Sourced by the GPU scripts (gpu_measure.sh, gpu_scaleout_check.sh) from the repo root with OUT_DIR set:
+# resolves OUT_DIR; installs the carried wheels of .whl/ into $OARS_SITE (default /tmp/site, put first on
+# PYTHONPATH) with `python -m benchmarks.gpu_steps install` (no index, no dependencies; one pip call, else one
+# wheel at a time, else unzipped when there is no pip): diffusers and deepspeed always, every other wheel only when
+# the machine lacks that package or has an older one, never one built for another Python; scope $OARS_WHEELS
+# (measure: without deepspeed and what only it needs; all: everything). A wheel that fails is logged, not fatal:
+# the steps that do not need it still run (gpu_steps info says whether diffusers imports). Copies the package to
+# $OARS_COPY (default /tmp/oars) with kernels/ placed as oars_fast/kernels too (no pip install there), cds into it.
+# Sourced a second time in the same shell (a script calling another), it does nothing but resolve OUT_DIR. See
+# benchmarks/GPU.md for building .whl/.
+#   PYTHON            the interpreter (default python3)
+#   OARS_WHEELS       measure | all (default all)
+#   OARS_SKIP_WHEELS  1: install nothing (the interpreter already has everything: the CPU smoke run)
+PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT_DIR"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
-export OARS_GIT_SHA=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+if [ "${OARS_SETUP_DONE:-}" != "1" ]; then
+  export OARS_GIT_SHA=${OARS_GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+  OARS_SITE=${OARS_SITE:-/tmp/site}
+  OARS_COPY=${OARS_COPY:-/tmp/oars}
+  if [ "${OARS_SKIP_WHEELS:-}" != "1" ] && ls .whl/*.whl >/dev/null 2>&1; then
+    "$PYTHON" -m benchmarks.gpu_steps install .whl --target "$OARS_SITE" --scope "${OARS_WHEELS:-all}" \
+      || echo "gpu_setup: the diffusers wheel did not install (see above)"
+    export PYTHONPATH=$OARS_SITE${PYTHONPATH:+:$PYTHONPATH}
+  elif [ "${OARS_SKIP_WHEELS:-}" != "1" ]; then
+    echo "gpu_setup: no .whl/ here (carry it: benchmarks/GPU.md); using what the machine has"
+  fi
+  rm -rf "$OARS_COPY" && mkdir -p "$OARS_COPY"
+  # kernels/ also stays at the top, as in the repo (tests/test_kernels.py imports it from there on purpose)
+  cp -r oars_fast tests benchmarks configs kernels "$OARS_COPY"/ && cp -r kernels "$OARS_COPY"/oars_fast/kernels
+  [ -f pyproject.toml ] && cp pyproject.toml "$OARS_COPY"/
+  cd "$OARS_COPY" || exit 1
+  export PYTHONPATH=$OARS_COPY${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 OARS_SETUP_DONE=1
 fi
-rm -rf /tmp/oars && mkdir -p /tmp/oars
-cp -r oars_fast tests benchmarks configs /tmp/oars/ && cp -r kernels /tmp/oars/oars_fast/kernels
-cd /tmp/oars
-export PYTHONPATH=/tmp/oars${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
