@@ -99,6 +99,30 @@ def test_bicubic_and_an_sr_folder_side_by_side(pair_dir, tmp_path, capsys):
     assert "bicubic" in printed and "bilinear" in printed and "PSNR-Y" in printed and "skipped dists:" in printed
 
 
+def test_back_projected_entry_scores_the_projection_of_its_source(pair_dir, tmp_path):
+    """`bp:<entry>` rows are the source's 8-bit outputs back-projected onto their LR (eval.back_projection steps),
+    written beside the others; the source's own rows are unchanged."""
+    from oars_fast.models.consistency import back_project
+
+    rows, summary, out = _run(tmp_path, f"eval.lr_dir={pair_dir / 'lr'}", f"eval.hr_dir={pair_dir / 'hr'}",
+                              "eval.metrics=[psnr_y, lr_consistency]", "eval.back_projection=2",
+                              f"eval.models=[{{bilinear: {pair_dir / 'sr_bilinear'}}}, {{bil+bp: 'bp:bilinear'}}]")
+    assert list(summary["models"]) == ["bilinear", "bil+bp"]
+    assert summary["models"]["bil+bp"]["kind"] == "backproject"
+    by = {(r["model"], r["image"]): r for r in rows}
+    for name in PHOTOS:
+        lr = load_image(pair_dir / "lr" / f"{name}.png")[None]
+        src = load_image(pair_dir / "sr_bilinear" / f"{name}_x4_SR.png")[None]
+        want = (back_project(src, lr, 2) * 255).round() / 255
+        r = by[("bil+bp", name)]
+        assert torch.equal(load_image(out / r["sr"])[None], want)
+        assert float(r["lr_consistency"]) == pytest.approx(float(lr_consistency(want, lr, 4)[0]), abs=1e-9)
+        assert float(r["lr_consistency"]) > float(by[("bilinear", name)]["lr_consistency"]) + 3
+    with pytest.raises(UserError, match="names no earlier entry"):
+        _run(tmp_path, f"eval.lr_dir={pair_dir / 'lr'}", "eval.models=[{x: 'bp:bicubic'}, {bicubic: bicubic}]",
+             name="bad")
+
+
 def test_lq_only_inputs_skip_full_reference_metrics(pair_dir, tmp_path):
     rows, summary, _ = _run(tmp_path, "eval.benchmark=realset", f"eval.root={pair_dir / 'lr'}",
                             "eval.metrics=[psnr_y, ssim_y, lr_consistency, dists]")

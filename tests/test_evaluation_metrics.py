@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 from skimage import data
@@ -251,6 +252,35 @@ def test_lr_consistency():
         lr_consistency(torch.rand(1, 3, 32, 16), torch.rand(1, 3, 8, 8))
     with pytest.raises(ValueError, match="batch"):
         lr_consistency(torch.rand(2, 3, 32, 32), torch.rand(1, 3, 8, 8))
+
+
+def test_back_projection():
+    """Iterative back-projection (oars_fast.models.consistency): an output off its input by a colour cast is
+    pulled back exactly (the downsampler and the bicubic upsampler keep constants), its LR consistency rises
+    with each step, and bad shapes are refused."""
+    from oars_fast.models.consistency import back_project, downsample
+
+    g = torch.Generator().manual_seed(3)
+    x = 0.25 + 0.5 * F.avg_pool2d(torch.rand(2, 3, 52, 68, generator=g), 5, 1, 2)  # in [0.25, 0.75], smooth
+    lr = downsample(x, (13, 17))
+    cast = torch.tensor([0.1, -0.08, 0.05]).view(1, 3, 1, 1)
+    # one step removes the cast: down(x + c) = down(x) + c and up(-c) = -c, so bp(x + c) = x + c + up(-c) = x;
+    # with c = 0 this is the fixed point: an output whose downsampling is the LR stays as it is
+    torch.testing.assert_close(back_project(x + cast, lr, 1), x, atol=2e-6, rtol=0)
+    # on an unrelated output the consistency rises step by step
+    sr = torch.rand(2, 3, 52, 68, generator=g)
+    lr8 = (lr * 255).round() / 255
+    scores = [lr_consistency(back_project(sr, lr8, k), lr8).mean().item() for k in range(4)]
+    assert scores == sorted(scores) and scores[1] > scores[0] + 10, scores
+    assert back_project(sr, lr8, 0) is sr
+    out = back_project(sr.double(), lr8, 2)
+    assert out.dtype == torch.float64 and out.min() >= 0 and out.max() <= 1
+    with pytest.raises(ValueError, match="integer multiple"):
+        back_project(torch.rand(1, 3, 30, 32), torch.rand(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="steps"):
+        back_project(sr, lr8, -1)
+    with pytest.raises(ValueError, match="equal B and C"):
+        back_project(torch.rand(1, 3, 32, 32), torch.rand(2, 3, 8, 8))
 
 
 # ------------------------------------------------------------------------------------ pairwise accuracy

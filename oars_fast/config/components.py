@@ -465,9 +465,12 @@ class InferConfig(Section):
     tile: int = doc(0, "LR tile side; 0: whole image when it fits max_pixels, else 64")
     tile_overlap: int = doc(8, "LR pixels of overlap between tiles (blended linearly)")
     max_pixels: int = doc(512 * 512, "LR images with more pixels than this are tiled")
+    back_projection: int = doc(0, "iterative back-projection steps on the whole output, sr += up(lr - down(sr)) "
+                               "(oars_fast/models/consistency.py; not part of OARS); 0: the sampler's output")
 
     def check(self) -> None:
         check_range(self, "batch_size", 1)
+        check_range(self, "back_projection", 0)
         check_range(self, "tile", 0)
         check_range(self, "tile_overlap", 0)
 

@@ -40,7 +40,8 @@ class EvalConfig(Section):
     hr_dir: str | None = doc(None, "benchmark=folders: folder of ground truths matched to the LR by file stem "
                              "(optional; without it full-reference metrics are skipped)")
     models: list[dict] = doc(None, "the models side by side, a list of `name: kind` entries: `bicubic`, a model "
-                             "folder (or model:<folder|hub id>), or a folder of SR outputs (or sr:<folder>)",
+                             "folder (or model:<folder|hub id>), a folder of SR outputs (or sr:<folder>), or "
+                             "bp:<earlier entry> (its outputs back-projected onto the LR, eval.back_projection steps)",
                              factory=lambda: [{"bicubic": "bicubic"}])
     scale: Literal[1, 2, 4, 8] = doc(4, "super-resolution factor")
     crop: int | None = doc(None, "centre crop, HR side (the LR is cropped to crop/scale at the same place); null: the "
@@ -62,6 +63,8 @@ class EvalConfig(Section):
                            "whose weights are not in pyiqa's cache is skipped; false lets pyiqa download them")
     degrade_seed: int = doc(20250101, "div2k_val from HR only: image i is degraded (Real-ESRGAN chain, "
                             "`degradation`) with seed (degrade_seed, i), the same LR on every machine")
+    back_projection: int = doc(1, "iterative back-projection steps of the bp:<entry> models "
+                               "(oars_fast/models/consistency.py)")
     overwrite: bool = doc(False, "recompute the model outputs cached in <run>/eval/<name>/ even when their LR, model "
                           "and sampler settings are unchanged")
 
@@ -71,6 +74,7 @@ class EvalConfig(Section):
         if not entries:
             raise ConfigError("EvalConfig.models must name at least one model, e.g. [{bicubic: bicubic}]")
         check_range(self, "max_images", 0)
+        check_range(self, "back_projection", 1)
         check_range(self, "compass_gamma", 0.0, lo_open=True)
         if self.crop is not None:
             check_range(self, "crop", 0)

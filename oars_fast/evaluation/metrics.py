@@ -28,7 +28,8 @@ from __future__ import annotations
 import numbers
 
 import torch
-import torch.nn.functional as F
+
+from ..models.consistency import downsample
 
 __all__ = ["lr_consistency", "psnr", "quantize", "rgb_to_y", "ssim"]
 
@@ -142,7 +143,8 @@ def ssim(sr: torch.Tensor, hr: torch.Tensor, crop_border: int = 0, y_channel: bo
 def lr_consistency(sr: torch.Tensor, lr: torch.Tensor, scale: int | None = None) -> torch.Tensor:
     """PSNR (dB, RGB, 8-bit, no crop) of the SR downsampled to the LR size against the LR -> (B,) float64.
 
-    Downsampling: ``F.interpolate(mode="bicubic", antialias=True, align_corners=False)`` to the LR size,
+    Downsampling: :func:`oars_fast.models.consistency.downsample`, i.e.
+    ``F.interpolate(mode="bicubic", antialias=True, align_corners=False)`` to the LR size,
     i.e. a Keys cubic (a = -0.5) widened by the scale factor: the same filter as PIL's float ("F" mode)
     ``Image.resize(BICUBIC)`` and close to (not bit-identical with) MATLAB's ``imresize``; the result is
     clamped to [0, 1] before the 8-bit rounding. ``scale`` (if given) must match the SR / LR sizes; if
@@ -160,7 +162,4 @@ def lr_consistency(sr: torch.Tensor, lr: torch.Tensor, scale: int | None = None)
         raise ValueError(f"scale must be a positive int or None, got {scale!r}")
     elif (sh, sw) != (lh * scale, lw * scale):
         raise ValueError(f"sr size {sh}x{sw} is not scale={scale} times lr size {lh}x{lw}")
-    down = F.interpolate(
-        sr.detach().to(torch.float64), size=(lh, lw), mode="bicubic", antialias=True, align_corners=False
-    )
-    return psnr(down.clamp(0.0, 1.0), lr)
+    return psnr(downsample(sr.detach().to(torch.float64), (lh, lw)).clamp(0.0, 1.0), lr)

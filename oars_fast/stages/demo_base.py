@@ -5,7 +5,7 @@ and merging the RL delta into the SFT weights only means what it means at scale 
 started from that base. So the demo makes a small base first:
 
 1. VAE: the tiny ``AutoencoderKLQwenImage`` learns to reconstruct HR crops (L1 + MSE, plus
-   ``vae.kl_weight`` x the posterior KL, which the demo config sets to 0; AdamW, warm-up then cosine
+   ``vae.kl_weight`` x the posterior KL, which the demo config sets to 1e-3; AdamW, warm-up then cosine
    decay) on many small random crops of the patches, which are decoded once and held in memory; its
    latent statistics are then measured and written to its config (``latents_mean`` /
    ``latents_std``), as the production VAE ships them.

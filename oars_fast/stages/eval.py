@@ -10,7 +10,8 @@
    through :class:`~oars_fast.stages.infer.SuperResolver`; outputs cached in ``<run>/eval/<name>/`` with a
    fingerprint of the LR, the model and the sampler settings, so a rerun recomputes nothing that is done);
    or a folder of SR outputs matched by file stem (an output of the whole, uncropped image is cropped at the
-   protocol's box).
+   protocol's box); or ``bp:<entry>``, an earlier entry's outputs back-projected onto their LR
+   (``eval.back_projection`` steps, :mod:`oars_fast.models.consistency`; no sampling).
 3. metrics per image: PSNR and SSIM on the BT.601 Y channel and PSNR on RGB (8-bit, ``eval.crop_border``
    pixels cut, default the scale), LR consistency, DISTS (weights configured), the COMPASS reward and its
    parts F, Q_LR, Q_SR (checkpoint configured and :mod:`oars_fast.rewards.compass` present), MUSIQ, LIQE,
@@ -52,6 +53,7 @@ from ..errors import MissingFileError, UserError
 from ..evaluation import lr_consistency, psnr, ssim
 from ..evaluation.benchmarks import Benchmark, EvalPair, find_benchmark, match_by_stem
 from ..evaluation.nr_iqa import NR_METRICS, load_nr_metrics
+from ..models.consistency import back_project
 from ..runtime.device import select_device
 from ..runtime.seeding import derive_seed
 
@@ -91,8 +93,8 @@ class Item:
 @dataclass
 class ModelSpec:
     name: str
-    kind: str  # bicubic | model | sr_folder
-    source: str  # "bicubic", the model folder or hub id, or the SR folder
+    kind: str  # bicubic | model | sr_folder | backproject
+    source: str  # "bicubic", the model folder or hub id, the SR folder, or (backproject) the entry's name
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -194,6 +196,13 @@ def resolve_models(job: EvalJob) -> list[ModelSpec]:
         if kind.lower() == "bicubic":
             specs.append(ModelSpec(name, "bicubic", "bicubic"))
             continue
+        if kind.startswith("bp:"):
+            src = kind[3:]
+            if src not in [s.name for s in specs]:
+                raise UserError(f"eval.models: {name}: {kind} names no earlier entry (entries before it: "
+                                f"{', '.join(s.name for s in specs) or 'none'})")
+            specs.append(ModelSpec(name, "backproject", src))
+            continue
         prefix, _, rest = kind.partition(":")
         if prefix in ("model", "sr") and rest:
             explicit, path = prefix, rest
@@ -229,6 +238,7 @@ class _Producer:
         self.cache_file = self.dir / "cache.json"
         self.cache: dict = {}
         self.resolver = None
+        self.source: _Producer | None = None  # backproject: the entry whose outputs are projected
         self.computed = self.reused = 0
         if spec.kind == "sr_folder":
             self.files = [p for p in sorted(Path(spec.source).rglob("*"))
@@ -249,7 +259,8 @@ class _Producer:
         j = self.job
         return {"source": self.spec.source, "seed": j.run.seed, "sampler": dataclasses.asdict(j.sampler),
                 "dtype": j.model.dtype, "condition": j.model.condition,
-                "tiling": [j.infer.tile, j.infer.tile_overlap, j.infer.max_pixels]}
+                "tiling": [j.infer.tile, j.infer.tile_overlap, j.infer.max_pixels],
+                "back_projection": j.infer.back_projection}
 
     def _model(self):
         if self.resolver is None:
@@ -292,6 +303,16 @@ class _Producer:
                 return sr, path, ""
             return None, None, (f"{f.name} is {sr.shape[-2]}x{sr.shape[-1]}, expected {want[0]}x{want[1]} "
                                 f"(scale {s} x the LR)")
+        if self.spec.kind == "backproject":
+            counts = self.source.computed, self.source.reused  # the source's own row counts its outputs
+            sr, _, why = self.source(item, lr)
+            self.source.computed, self.source.reused = counts
+            if sr is None:
+                return None, None, f"{self.spec.source}: {why}"
+            sr = _q8(back_project(sr[None], lr[None], self.job.eval.back_projection)[0])
+            path = self.dir / f"{item.name}.png"
+            save_image(sr, path)
+            return sr, path, ""
         # a model: reuse the cached output when the LR, the model and the sampler settings are the same
         path = self.dir / f"{item.name}.png"
         key = {"lr": _sha1(lr), **self._settings()}
@@ -484,8 +505,11 @@ def run(job: EvalJob) -> int:
     for m, reason in scorer.skipped.items():
         log.info("eval: skipped metric %s: %s", m, reason)
     producers = [_Producer(s, job, eval_dir, device) for s in specs]
+    by_name = {p.spec.name: p for p in producers}
     for p in producers:
         p.match(items)
+        if p.spec.kind == "backproject":
+            p.source = by_name[p.spec.source]
     rows: list[dict] = []
     missing: dict[str, dict[str, str]] = {s.name: {} for s in specs}
     bar = tqdm(total=len(items) * len(specs), desc="eval", unit="img", disable=None)

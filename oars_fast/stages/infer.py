@@ -3,7 +3,8 @@
 Images whose LR has more than ``infer.max_pixels`` pixels (or any image when ``infer.tile`` > 0)
 are cut into overlapping LR tiles, super-resolved in batches of ``infer.batch_size`` and blended
 with linear ramps over the overlaps. Sides are reflect-padded to the model's multiple and cropped
-back. Unreadable inputs are skipped with a message naming the file; the run goes on.
+back. ``infer.back_projection`` > 0 back-projects the whole output onto its LR
+(:mod:`oars_fast.models.consistency`). Unreadable inputs are skipped with a message naming the file; the run goes on.
 
 Launch: ``oars-fast infer --config configs/demo/infer.yaml infer.input=DIR infer.output=OUT``.
 """
@@ -22,6 +23,7 @@ from ..config import InferJob, save_config
 from ..data.images import IMAGE_EXTENSIONS, ImageReadError, load_image, save_image, scan_images
 from ..errors import MissingFileError, UserError
 from ..models.backbone import DTYPES, SRBackbone, load_backbone
+from ..models.consistency import back_project
 from ..models.sampler import sample_sr
 from ..runtime.device import select_device
 
@@ -66,7 +68,12 @@ class SuperResolver:
 
     @torch.no_grad()
     def __call__(self, lr: torch.Tensor, seed: int) -> torch.Tensor:
-        """(3, h, w) LR in [0, 1] -> (3, h*scale, w*scale) SR."""
+        """(3, h, w) LR in [0, 1] -> (3, h*scale, w*scale) SR (back-projected when infer.back_projection > 0)."""
+        sr = self._sample(lr, seed)
+        steps = self.job.infer.back_projection
+        return back_project(sr[None], lr[None], steps)[0] if steps else sr
+
+    def _sample(self, lr: torch.Tensor, seed: int) -> torch.Tensor:
         cfg, s = self.job.infer, self.model.scale
         h, w = lr.shape[-2:]
         if cfg.tile == 0 and h * w <= cfg.max_pixels:
