@@ -14,7 +14,6 @@ change against the start (FR-RL).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 from pathlib import Path
@@ -24,7 +23,7 @@ from oars_fast.config.schema import shipped_config
 from oars_fast.stages import eval as eval_stage
 from oars_fast.stages import rl as rl_stage
 
-from .harness import RESULTS, device_name, git_sha
+from .harness import RESULTS, device_name, git_sha, write_table
 
 METRICS = ("compass_reward", "compass_f", "compass_q_sr", "lr_consistency", "psnr_y")
 
@@ -67,12 +66,7 @@ def main(argv=None) -> None:
     table = json.loads((run / "compass_variants" / "eval" / "metrics.json").read_text())["models"]
     rows = [{"device": device_name(), "git_sha": git_sha(), "model": name, "iterations": args.iterations,
              **{m: round(table[name]["mean"][m], 4) for m in METRICS}} for name in table]
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "compass_variants.csv"
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    path = write_table(rows, args.out / "compass_variants.csv")
     start = rows[0]
     print(f"held-out ({table[start['model']]['n_images']} patches), {args.iterations} NR-RL iterations, "
           f"mean +- std over seeds {args.seeds}; change against the start (FR-RL) in brackets")

@@ -172,6 +172,16 @@ def write_rows(rows: list[dict], path: Path) -> None:
         w.writerows(rows)
 
 
+def write_table(rows: list[dict], path: Path) -> Path:
+    """`rows` (dicts with the same keys) -> a fresh CSV at `path` with those keys as its header."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
 def copy_bandwidth(nbytes: int = 2**30) -> float:
     """Measured device copy bandwidth in GB/s (read + write), the ceiling memory-bound kernels are held to."""
     n = nbytes // 4

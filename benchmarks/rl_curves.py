@@ -7,7 +7,6 @@ benchmarks/results/rl_curves.csv (one row per objective x seed x evaluation) and
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 from oars_fast.config import RLJob, load_config
 from oars_fast.stages.rl import RLStage
 
-from .harness import RESULTS, device_name, git_sha
+from .harness import RESULTS, device_name, git_sha, write_table
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo" / "rl_fr.yaml"
 
@@ -49,12 +48,7 @@ def main(argv=None) -> None:
                 rows.append({"device": device_name(), "git_sha": git_sha(), "objective": objective, "seed": seed,
                              "iteration": it, "samples": samples, "heldout_reward": f"{reward:.4f}",
                              "reward": "ssim (stand-in for DISTS)", "kl_weight": job.rl.kl_weight})
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "rl_curves.csv"
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    path = write_table(rows, args.out / "rl_curves.csv")
     curves = defaultdict(list)
     for r in rows:
         curves[(r["objective"], r["iteration"], r["samples"])].append(float(r["heldout_reward"]))

@@ -12,6 +12,7 @@ import torch.nn as nn
 from diffusers import QwenImageTransformer2DModel
 
 from ..errors import MissingFileError, UserError
+from ..runtime.checkpoint import publish_folder
 from .lora import lora_deltas
 
 
@@ -45,6 +46,5 @@ def merge_into_folder(model_dir: str | Path, lora_dir: str | Path, output: str |
     shutil.copytree(src, tmp, ignore=lambda d, names: ["transformer", "lora"] if Path(d) == src else [])
     transformer.save_pretrained(tmp / "transformer")
     shutil.copytree(lora_dir, tmp / "lora")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    publish_folder(tmp, out)
     return n

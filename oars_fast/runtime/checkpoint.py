@@ -88,6 +88,15 @@ def save_checkpoint(root: str | Path, step: int, write: Callable[[Path], None], 
     return final
 
 
+def publish_folder(tmp: str | Path, dst: str | Path) -> Path:
+    """Put the finished folder `tmp` in place of `dst` (the old `dst`, if any, removed first): a crash leaves
+    either the old result or the new one complete in `tmp`, never a half-written `dst`."""
+    tmp, dst = Path(tmp), Path(dst)
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+    return dst
+
+
 def rank_file(folder: Path, rank: int) -> Path:
     """Per-rank state (RNG, partitioned EMA) inside a checkpoint."""
     return Path(folder) / f"rank_{rank:05d}.pt"

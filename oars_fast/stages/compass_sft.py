@@ -51,7 +51,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -69,6 +68,7 @@ from ..evaluation import pairwise_accuracy
 from ..kernels import compass_reward
 from ..models.backbone import DTYPES
 from ..runtime import distributed
+from ..runtime.checkpoint import publish_folder
 from ..runtime.device import autocast, memory_gib
 from ..runtime.engine import OptimizerEngine, deepspeed_bf16, use_deepspeed
 from ..runtime.logger import StepLogger
@@ -460,21 +460,14 @@ class CompassSFTStage(TrainingLoop):
                 model.load_state_dict(state, strict=False)
             tmp = path.with_name("model.tmp")
             model.save_pretrained(tmp)
-            shutil.rmtree(path, ignore_errors=True)
-            tmp.rename(path)
+            publish_folder(tmp, path)
             log.info("COMPASS exported to %s", path)
         distributed.barrier()
         return path
 
-    def cleanup(self) -> None:
-        if hasattr(self, "logger"):
-            self.logger.close()
-
     def summary(self) -> str:
-        losses = self.history
-        first = f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; " if losses else ""
         acc = f"held-out pairwise accuracy {self.heldout_acc:.3f}; " if math.isfinite(self.heldout_acc) else ""
-        return f"compass-sft: {self.step} steps, {first}{acc}model in {self.run_dir / 'model'}"
+        return f"compass-sft: {self.step} steps, {self.loss_summary()}{acc}model in {self.run_dir / 'model'}"
 
 
 def run(job: CompassSFTJob) -> int:

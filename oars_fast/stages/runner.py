@@ -69,9 +69,19 @@ class TrainingLoop:
 
     name = "train"
     log_format: dict[str, str] = {}
+    history: list[float]  # the loss of every step (the stage fills it)
 
     def after_step(self, stats: dict) -> None:
         pass
+
+    def cleanup(self) -> None:
+        if hasattr(self, "logger"):
+            self.logger.close()
+
+    def loss_summary(self) -> str:
+        """``"loss first -> last; "`` over the recorded steps, or "" before the first."""
+        losses = getattr(self, "history", [])
+        return f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; " if losses else ""
 
     def train(self, until: int | None = None):
         """Run to the last step (or stop after step `until`: an interruption, for tests)."""

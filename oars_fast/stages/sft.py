@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -63,6 +62,7 @@ from ..models.flow import flow_matching_loss, sample_timesteps
 from ..models.lora import add_lora, merged_state_dict, save_lora, use_lora_kernel
 from ..models.sampler import per_sample_noise, sample_sr
 from ..runtime import distributed
+from ..runtime.checkpoint import publish_folder
 from ..runtime.device import autocast, memory_gib
 from ..runtime.engine import OptimizerEngine, deepspeed_bf16, use_deepspeed
 from ..runtime.logger import StepLogger
@@ -316,21 +316,14 @@ class SFTStage(TrainingLoop):
                 for k, p in self.params.items():
                     p.copy_(backup[k])
         if self.dist.main:
-            shutil.rmtree(path, ignore_errors=True)
-            tmp.rename(path)
+            publish_folder(tmp, path)
             log.info("model exported to %s", path)
         distributed.barrier()
         self.write_samples()
         return path
 
-    def cleanup(self) -> None:
-        if hasattr(self, "logger"):
-            self.logger.close()
-
     def summary(self) -> str:
-        losses = self.history
-        first = f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; " if losses else ""
-        return f"sft: {self.step} steps, {first}model in {self.run_dir / 'model'}"
+        return f"sft: {self.step} steps, {self.loss_summary()}model in {self.run_dir / 'model'}"
 
 
 def run(job: SFTJob) -> int:
