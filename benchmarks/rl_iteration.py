@@ -3,6 +3,11 @@ width with fewer layers, bf16: ours (fused LoRA linear + fused NFT loss) against
 loop (peft's eager LoRA + the pure-torch NFT loss), side by side in one run, time per phase and peak
 memory. Both do three transformer forwards per update micro-batch (v_old, v_ref, v_theta).
 
+Agreement before the timings count: both start from the same seed, so the warm-up iteration's rollouts
+(the LoRA's B is zero at the start: the base model through each provider's linear) and its loss (the fused
+vs the pure-torch NFT loss) must agree: reward within 2% (+1e-3), loss within 5% (+1e-4) in bf16. A
+mismatch is printed, written into the CSV's note and makes the script exit 1; its timings are not results.
+
 The model is the production transformer architecture (3072 hidden, 24 heads of 128, text dim 3584,
 ``--layers`` blocks) with random weights; the VAE is the tiny 4x one, so ``--crop 256`` gives the
 token count of a 512x512 production output (1024 target + 1024 LR tokens). The reward is DISTS with
@@ -62,18 +67,18 @@ def main(argv=None) -> None:
               "lora.alpha=64"]
     if args.smoke:
         common += ["model.tiny={num_layers: 1}", "data.crop_size=32", "rl.group_size=4", "rl.inputs_per_iter=2",
-                   "model.dtype=fp32", "rl.micro_batch=8", "data.demo_patch=128"]
+                   "rl.rollout_steps=2", "model.dtype=fp32", "rl.micro_batch=8", "data.demo_patch=128"]
     else:
         common += [f"model.tiny={width}", f"data.crop_size={args.crop}", f"data.demo_patch={max(128, args.crop)}",
                    f"rl.group_size={args.k}", f"rl.inputs_per_iter={args.inputs}", "model.dtype=bf16",
                    "rl.micro_batch=8", "model.gradient_checkpointing=true"]
-    rows = []
+    rows, warm = [], {}
     for provider, fused in (("ours", True), ("reference", False)):
         job = load_config(RLJob, None, common + [f"run.name={provider}", f"lora.kernel={'triton' if fused else 'peft'}",
                                                  f"rl.iterations={args.iters + 1}"])
         with kernels.backend("auto" if fused else "torch"):
             st = RLStage(job).setup()
-            st.train_iteration()  # warm-up: autotuning, allocator, cuDNN
+            warm[provider] = st.train_iteration()  # warm-up (autotuning, allocator, cuDNN); checked below
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -97,7 +102,25 @@ def main(argv=None) -> None:
                      "note": "smoke" if args.smoke else f"rollout {med['rollout_s'] * 1e3:.1f} ms; reward "
                      f"{med['reward_s'] * 1e3:.1f} ms; update {med['train_s'] * 1e3:.1f} ms",
                      "peak_mb": f"{peak:.0f}"})
+    ok, agreement = check_agreement(warm["ours"], warm["reference"])
+    print(f"rl_iteration agreement (warm-up iteration, ours vs reference): {agreement}")
+    for r in rows:
+        r["note"] = f"{r['note']}; {'agree' if ok else 'MISMATCH'}: {agreement}"
     write_rows(rows, args.out / "rl_iteration.csv")
+    if not ok:
+        raise SystemExit("rl_iteration: ours and the reference loop disagree (see above); the timings are not results")
+
+
+def check_agreement(ours: dict, ref: dict, tol: dict | None = None) -> tuple[bool, str]:
+    """Compare the warm-up iteration's mean reward and loss of the two providers -> (ok, description)."""
+    tol = tol or {"reward": (0.02, 1e-3), "loss": (0.05, 1e-4)}
+    ok, parts = True, []
+    for key, (rel, abs_) in tol.items():
+        a, b = float(ours[key]), float(ref[key])
+        good = abs(a - b) <= rel * abs(b) + abs_
+        ok &= good
+        parts.append(f"{key} {a:.5g} vs {b:.5g}{'' if good else ' (outside tolerance)'}")
+    return ok, ", ".join(parts)
 
 
 if __name__ == "__main__":

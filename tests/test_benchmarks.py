@@ -22,6 +22,17 @@ def test_rl_iteration_script_runs(tmp_path, monkeypatch):
     rl_iteration.main(["--smoke", "--iters", "1", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "w")])
     rows = list(csv.DictReader(open(tmp_path / "out" / "rl_iteration.csv")))
     assert [r["provider"] for r in rows] == ["ours", "reference"] and all(float(r["ms"]) > 0 for r in rows)
+    assert all("; agree: reward" in r["note"] for r in rows)  # the fused and the reference loop agreed
+
+
+def test_rl_iteration_agreement_check_catches_a_mismatch():
+    from benchmarks.rl_iteration import check_agreement
+
+    ok, text = check_agreement({"reward": 0.501, "loss": 0.2}, {"reward": 0.5, "loss": 0.2001})
+    assert ok and "outside" not in text
+    ok, text = check_agreement({"reward": 0.55, "loss": 0.2}, {"reward": 0.5, "loss": 0.2})
+    assert not ok and "reward 0.55 vs 0.5 (outside tolerance)" in text
+    assert not check_agreement({"reward": 0.5, "loss": float("nan")}, {"reward": 0.5, "loss": 0.2})[0]
 
 
 def test_loader_benchmark_runs(tmp_path):
