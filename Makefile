@@ -24,7 +24,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 test: lint
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
+	$(BIN)/python -m pytest -q --durations=20 $(PYTEST_ARGS) tests
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run_all
