@@ -103,3 +103,29 @@ def test_pretrain_vae_sets_latent_stats_and_leaves_the_vae_as_it_was(demo_cache)
     assert any(not torch.equal(v, before[k]) for k, v in model.vae.state_dict().items())
     assert model.latents_std.shape == (1, 16, 1, 1) and float(model.latents_std.min()) > 0
     assert model.vae.config.latents_mean == model.latents_mean.flatten().tolist()
+
+
+def test_backbone_encode_decode_take_the_fast_path_and_agree(tiny_base, monkeypatch):
+    """SRBackbone.encode / decode run the VAE through single_frame_convs (every SFT latent, rollout decode and
+    inference output does) and give what the library's 3-D path gives."""
+    from oars_fast.config.components import ModelConfig
+    from oars_fast.models import backbone as bb
+
+    model = bb.load_backbone(ModelConfig(pretrained=str(tiny_base), dtype="fp32"), 4, "cpu", 0).eval()
+    img = torch.rand(2, 3, 32, 48, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        z = model.encode(img)
+        rec = model.decode(z)
+        calls = []
+        real = bb.single_frame_convs
+        monkeypatch.setattr(bb, "single_frame_convs", lambda m: calls.append(m) or real(m))
+        model.decode(model.encode(img))
+        assert calls == [model.vae, model.vae]
+        # the library's own path: the same formulas without the context
+        x = (img * 2 - 1).unsqueeze(2)
+        z_ref = (model.vae.encode(x).latent_dist.mode()[:, :, 0] - model.latents_mean) / model.latents_std
+        zz = (z_ref * model.latents_std + model.latents_mean).unsqueeze(2)
+        rec_ref = (model.vae.decode(zz).sample[:, :, 0] + 1).mul(0.5).clamp(0, 1)
+    assert _no_instance_forward(model.vae)
+    torch.testing.assert_close(z, z_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(rec, rec_ref, rtol=1e-4, atol=1e-5)

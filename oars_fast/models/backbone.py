@@ -41,6 +41,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import ConfigError, ModelConfig
 from ..errors import MissingFileError, UserError
 from .text_encoder import EditPromptEncoder, encode_text_prompt, tiny_edit_encoder
+from .vae_fast import single_frame_convs
 
 log = logging.getLogger(__name__)
 
@@ -168,14 +169,16 @@ class SRBackbone(nn.Module):
         """(B, 3, H, W) in [0, 1] -> normalised latents (B, C, H/8, W/8), float32 (posterior mode)."""
         vdtype = next(self.vae.parameters()).dtype
         x = (img.to(vdtype) * 2 - 1).unsqueeze(2)
-        z = self.vae.encode(x).latent_dist.mode()[:, :, 0].float()
+        with single_frame_convs(self.vae):  # exact: one frame, so each causal 3-D conv is a 2-D conv
+            z = self.vae.encode(x).latent_dist.mode()[:, :, 0].float()
         return (z - self.latents_mean) / self.latents_std
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Normalised latents (B, C, h, w) -> images (B, 3, 8h, 8w) in [0, 1], float32."""
         vdtype = next(self.vae.parameters()).dtype
         z = (z.float() * self.latents_std + self.latents_mean).to(vdtype).unsqueeze(2)
-        return (self.vae.decode(z).sample[:, :, 0].float() + 1).mul(0.5).clamp(0, 1)
+        with single_frame_convs(self.vae):
+            return (self.vae.decode(z).sample[:, :, 0].float() + 1).mul(0.5).clamp(0, 1)
 
     def upsample_lr(self, lr: torch.Tensor) -> torch.Tensor:
         return F.interpolate(lr.float(), scale_factor=self.scale, mode="bicubic", align_corners=False).clamp(0, 1)

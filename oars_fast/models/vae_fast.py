@@ -14,8 +14,9 @@ stride) takes the library's own forward. The library class is not touched: the f
 attribute of each instance while the block runs and is removed afterwards, so weights, state-dict keys
 and ``save_pretrained`` are unchanged.
 
-Where it applies beyond the demo base: every image encode/decode through the VAE (SFT latent encoding,
-sample decoding in inference and RL rollouts), the production 16-channel VAE included.
+:meth:`oars_fast.models.backbone.SRBackbone.encode` and ``decode`` run inside it, so every image encode and
+decode takes it (SFT latents, LR conditions, rollout and inference decoding), the production 16-channel VAE
+included; the demo base's VAE training uses it directly.
 """
 
 from __future__ import annotations
