@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -91,7 +92,8 @@ class SuperResolver:
         boxes = [(y, xx) for y in ys for xx in xs]
         out = torch.zeros(3, H * s, W * s, device=lr.device)
         norm = torch.zeros(1, H * s, W * s, device=lr.device)
-        for i in range(0, len(boxes), cfg.batch_size):
+        starts = range(0, len(boxes), cfg.batch_size)
+        for i in tqdm(starts, desc="tiles", unit="batch", leave=False, disable=None if len(starts) > 1 else True):
             chunk = boxes[i:i + cfg.batch_size]
             tiles = torch.cat([x[:, :, y:y + tile, xx:xx + tile] for y, xx in chunk])
             srs = self._run(tiles, [seed + i + j for j in range(len(chunk))])
@@ -128,7 +130,8 @@ def run(job: InferJob) -> int:
     save_config(job, job.run.run_dir / "infer_config.yaml")
     sr_fn = SuperResolver(model, job)
     done, skipped = 0, []
-    for i, f in enumerate(tqdm(files, desc="infer", disable=None)):
+    t0 = shown = time.monotonic()
+    for i, f in enumerate(tqdm(files, desc="infer", unit="img", disable=None)):
         try:
             lr = load_image(f).to(device)
         except ImageReadError as e:
@@ -139,6 +142,10 @@ def run(job: InferJob) -> int:
         ext = f.suffix.lower() if f.suffix.lower() in IMAGE_EXTENSIONS else ".png"
         save_image(sr, out_dir / f"{f.stem}{'.png' if ext in ('.jpg', '.jpeg', '.webp') else ext}")
         done += 1
+        now = time.monotonic()
+        if now - shown >= job.run.log_interval or i + 1 == len(files):  # a line every few seconds, not per image
+            shown = now
+            log.info("infer: %d/%d image(s) (%s), %.0f s", i + 1, len(files), f.name, now - t0)
     print(f"infer: {done} image(s) written to {out_dir}; {len(skipped)} skipped"
           + (f" (unreadable: {', '.join(skipped[:5])})" if skipped else ""))
     return 0 if done or not files else 1
