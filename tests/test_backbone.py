@@ -155,3 +155,46 @@ def test_true_cfg_combines_as_qwen_image_does(tiny_edit):
     again = sample_sr(tiny_edit, lr, SamplerConfig(steps=2, cfg_scale=1.0), seeds=[0])
     cfg = sample_sr(tiny_edit, lr, SamplerConfig(steps=2, cfg_scale=4.0), seeds=[0])
     assert torch.equal(plain, again) and not torch.allclose(plain, cfg)
+
+
+def test_text_encoder_offload_keeps_the_encoder_in_host_memory(tiny_edit, tmp_path):
+    """model.text_encoder_offload: the loaded prompt encoder stays in host memory; inside `_prompt_encoder_on` its
+    tensors live on the device (here the meta device stands in for a GPU) and afterwards point at the very same
+    host storage again (nothing copied back, nothing left on the device); the condition is unchanged."""
+    tiny_edit.save_pretrained(tmp_path / "m")
+    cfg = ModelConfig(pretrained=str(tmp_path / "m"), text_encoder_offload=True)
+    model = load_backbone(cfg, device="cpu").eval()
+    enc = model.prompt_encoder
+
+    def tensors():
+        return [*enc.parameters(), *enc.buffers()]
+
+    assert len(model._offload_slots) >= len(tensors()) > 0
+    before = [t.data_ptr() for t in tensors()]
+    with model._prompt_encoder_on(torch.device("meta")):
+        assert all(t.device.type == "meta" for t in tensors())
+        assert all(p.device.type == "cpu" for p in model.transformer.parameters())  # only the encoder moves
+    assert all(t.device.type == "cpu" for t in tensors()) and [t.data_ptr() for t in tensors()] == before
+    lr = torch.rand(2, 3, 8, 12, generator=torch.Generator().manual_seed(0))
+    plain = load_backbone(ModelConfig(pretrained=str(tmp_path / "m")), device="cpu").eval()
+    a, b = model.condition(lr), plain.condition(lr)
+    assert torch.equal(a.latents, b.latents) and torch.equal(a.prompt, b.prompt)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (host <-> GPU offload)")
+def test_text_encoder_offload_frees_the_device_between_calls(tiny_edit, tmp_path):
+    tiny_edit.save_pretrained(tmp_path / "m")
+    on = load_backbone(ModelConfig(pretrained=str(tmp_path / "m"), text_encoder_offload=True), device="cuda").eval()
+    assert all(p.device.type == "cpu" and p.is_pinned() for p in on.prompt_encoder.parameters())
+    lr = torch.rand(2, 3, 8, 12, device="cuda")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    a = on.condition(lr)
+    torch.cuda.synchronize()
+    held = sum(t.numel() * t.element_size() for t in (a.latents, a.prompt, a.prompt_mask) if t is not None)
+    assert torch.cuda.memory_allocated() - base <= held + 2**20  # the encoder's device copy is gone
+    assert all(p.device.type == "cpu" for p in on.prompt_encoder.parameters())
+    off = load_backbone(ModelConfig(pretrained=str(tmp_path / "m")), device="cuda").eval()
+    b = off.condition(lr)
+    torch.testing.assert_close(a.prompt, b.prompt)
+    torch.testing.assert_close(a.latents, b.latents)

@@ -156,6 +156,11 @@ class ModelConfig(Section):
         "block.compile(); compiled lazily at the first call, so the LoRA layers injected after loading are part of the "
         "graph). Costs a compile per block signature and adapter state (current / old / ref, grad or not) at the "
         "start; worth it on a GPU, not for the tiny CPU model")
+    text_encoder_offload: bool = doc(
+        False, "condition=edit: keep the prompt encoder (Qwen2.5-VL-7B, 16.6 GB in bf16) in pinned host memory and put "
+        "it on the device only while SRBackbone.condition runs (RL: once per iteration for all its inputs; SFT: every "
+        "micro-batch; inference: every image), then free its device copy. Costs one host-to-device copy of its "
+        "weights per call; frees its memory for activations in between (see the README's memory plan)")
 
     @property
     def recompute(self) -> str:

@@ -24,6 +24,7 @@ feed-forward sub-modules) and ``model.compile=blocks`` (:func:`compile_blocks`, 
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -145,6 +146,48 @@ class SRBackbone(nn.Module):
         self.register_buffer("latents_mean", torch.tensor(vae.config.latents_mean).view(1, zc, 1, 1), persistent=False)
         self.register_buffer("latents_std", torch.tensor(vae.config.latents_std).view(1, zc, 1, 1), persistent=False)
 
+    # -- prompt-encoder offload (model.text_encoder_offload) ----------------------------------------
+    def offload_prompt_encoder(self) -> None:
+        """Keep the prompt encoder's weights in host memory (pinned when CUDA is present) from now on; each
+        ``condition`` call puts device copies in their place and restores the host tensors afterwards."""
+        if self.prompt_encoder is None:
+            return
+        pin = torch.cuda.is_available()
+        self._offload_slots = []  # (the module's _parameters or _buffers dict, name, host tensor)
+        seen: dict[int, torch.Tensor] = {}
+        for mod in self.prompt_encoder.modules():
+            for slots in (mod._parameters, mod._buffers):
+                for name, t in slots.items():
+                    if t is None:
+                        continue
+                    if id(t) not in seen:  # tied weights: one host copy
+                        host = t.detach().cpu()
+                        host = host.pin_memory() if pin else host
+                        seen[id(t)] = nn.Parameter(host, requires_grad=False) if isinstance(t, nn.Parameter) else host
+                    slots[name] = seen[id(t)]
+                    self._offload_slots.append((slots, name, seen[id(t)]))
+
+    @contextlib.contextmanager
+    def _prompt_encoder_on(self, device: torch.device):
+        """While the block runs, the offloaded prompt encoder's weights are device copies; afterwards the host
+        tensors are back in place and the copies are freed (nothing is copied back: the weights are frozen). A
+        no-op without offload or on the CPU."""
+        slots = getattr(self, "_offload_slots", None)
+        if not slots or torch.device(device).type == "cpu":
+            yield
+            return
+        moved: dict[int, torch.Tensor] = {}
+        try:
+            for d, name, host in slots:
+                if id(host) not in moved:
+                    dev = host.detach().to(device, non_blocking=True)
+                    moved[id(host)] = nn.Parameter(dev, requires_grad=False) if isinstance(host, nn.Parameter) else dev
+                d[name] = moved[id(host)]
+            yield
+        finally:
+            for d, name, host in slots:
+                d[name] = host
+
     # -- geometry ---------------------------------------------------------------------------------
     @property
     def vae_factor(self) -> int:
@@ -198,7 +241,8 @@ class SRBackbone(nn.Module):
         prompt's (true CFG)."""
         latents = self.encode_lr(lr)
         if self.prompt_encoder is not None:
-            return Condition(latents, *self.prompt_encoder(lr, " " if negative else self.instruction))
+            with self._prompt_encoder_on(lr.device):
+                return Condition(latents, *self.prompt_encoder(lr, " " if negative else self.instruction))
         if negative:
             if self.negative_embeds is None:
                 raise UserError("sampler.cfg_scale > 1 needs a negative prompt: model.condition=edit, or a model "
@@ -432,9 +476,11 @@ def load_backbone(cfg: ModelConfig, scale: int = 4, device: torch.device | str =
     set_checkpointing(model.transformer, cfg.recompute)
     if cfg.compile == "blocks":
         compile_blocks(model.transformer)
-    if transformer_on_cpu:
+    offload = cfg.text_encoder_offload and model.prompt_encoder is not None  # stays in host memory
+    if transformer_on_cpu or offload:
+        stay = {"transformer"} if transformer_on_cpu else set()
         for name, child in model.named_children():
-            if name != "transformer":
+            if name not in stay and not (offload and name == "prompt_encoder"):
                 child.to(device)
         for name, buf in list(model.named_buffers(recurse=False)):
             setattr(model, name, buf.to(device))
@@ -444,6 +490,8 @@ def load_backbone(cfg: ModelConfig, scale: int = 4, device: torch.device | str =
     _cast(model.vae, torch.float32 if dtype == torch.float16 else dtype)
     if model.prompt_encoder is not None:
         _cast(model.prompt_encoder, torch.float32 if dtype == torch.float16 else dtype)
+    if offload:
+        model.offload_prompt_encoder()
     return model
 
 
