@@ -52,12 +52,15 @@ def test_sft_killed_in_training_and_in_checkpoint_write_resumes(tmp_path, demo_c
 @pytest.mark.timeout(900)
 def test_sft_zero3_killed_in_checkpoint_write_resumes(tmp_path, demo_cache):
     """2 ranks, ZeRO-3 + per-rank EMA partitions: the DeepSpeed shards and rank files of the complete
-    checkpoint are what the resumed run loads; the losses equal the one-process run's."""
+    checkpoint are what the resumed run loads (no consolidated weights in it: deepspeed.consolidate_every=0);
+    the losses equal the one-process run's."""
     args = lambda name: sft_args(tmp_path, demo_cache, name, "sft.steps=6", SAVE_EVERY, "sft.ema_decay=0.5",  # noqa: E731
-                                 "deepspeed.zero_stage=3")
-    launch(1, args("full"))
+                                 "deepspeed.zero_stage=3", "deepspeed.consolidate_every=0")
+    launch(1, args("full"))  # one process, no DeepSpeed: consolidated weights in every checkpoint (its resume source)
     full = losses(tmp_path / "full", "sft")
+    assert (tmp_path / "full" / "checkpoints" / "step_000006" / "trainable.safetensors").is_file()
     _check_resume(tmp_path, "z3", full, 2, args("z3"), "save:4", resumed_from=2)
+    assert not list((tmp_path / "z3" / "checkpoints").glob("step_*/trainable.safetensors"))
 
 
 @pytest.mark.timeout(900)

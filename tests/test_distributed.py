@@ -60,7 +60,8 @@ def test_sft_zero2_and_zero3_match_one_process(tmp_path, demo_cache):
     """ZeRO-2 through torchrun, ZeRO-3 through the deepspeed launcher (as production runs start)."""
     launch(1, sft_args(tmp_path, demo_cache, "one", "sft.ema_decay=0.5"))
     runs = {"z2": launch(2, sft_args(tmp_path, demo_cache, "z2", "sft.ema_decay=0.5", "deepspeed.zero_stage=2")),
-            "z3": launch(2, sft_args(tmp_path, demo_cache, "z3", "sft.ema_decay=0.5", "deepspeed.zero_stage=3"),
+            "z3": launch(2, sft_args(tmp_path, demo_cache, "z3", "sft.ema_decay=0.5", "deepspeed.zero_stage=3",
+                                     "sft.save_every=1", "sft.keep_checkpoints=4", "deepspeed.consolidate_every=2"),
                          launcher="deepspeed")}
     one = losses(tmp_path / "one", "sft")
     assert sorted(one) == [1, 2, 3, 4]
@@ -81,6 +82,11 @@ def test_sft_zero2_and_zero3_match_one_process(tmp_path, demo_cache):
             torch.testing.assert_close(got[k], ref[k], rtol=1e-3, atol=1e-5, msg=f"{name}: {k}")
         assert (tmp_path / name / "checkpoints" / "step_000004" / "deepspeed").is_dir()
         assert (tmp_path / name / "checkpoints" / "step_000004" / "rank_00001.pt").is_file()
+    # z3 checkpoints every step with deepspeed.consolidate_every=2: the consolidated weights in the 1st and 3rd only
+    ckpts = sorted((tmp_path / "z3" / "checkpoints").glob("step_*"))
+    assert [c.name for c in ckpts] == [f"step_{i:06d}" for i in (1, 2, 3, 4)]
+    assert [(c / "trainable.safetensors").is_file() for c in ckpts] == [True, False, True, False]
+    assert (tmp_path / "z2" / "checkpoints" / "step_000004" / "trainable.safetensors").is_file()  # default: every one
 
 
 def test_deepspeed_engine_in_one_process(tmp_path, demo_cache):

@@ -272,9 +272,16 @@ class DeepSpeedConfig(Section):
     bucket_size: int = doc(200_000_000, "reduce / all-gather bucket size in elements (ZeRO 2/3)")
     overrides: dict = doc(None, "raw DeepSpeed config keys merged (recursively) over the generated config; "
                           "batch keys must agree with the job's", factory=dict)
+    consolidate_every: int = doc(
+        1, "under DeepSpeed, the consolidated trained weights (gathered onto rank 0 and written by it: ~40 GB for "
+        "the 20B transformer in bf16) go into every N-th checkpoint a process writes, its first included (0: none). "
+        "DeepSpeed resumes from its own shards on the same world size; the consolidated copy is what a run on "
+        "another world size starts from. Without DeepSpeed they are in every checkpoint (its resume source); the "
+        "export at the end always writes the model")
 
     def check(self) -> None:
         check_range(self, "bucket_size", 1)
+        check_range(self, "consolidate_every", 0)
         if self.offload_param and self.zero_stage != 3:
             raise ConfigError(f"DeepSpeedConfig.offload_param=true needs zero_stage=3 (got {self.zero_stage})")
 

@@ -22,6 +22,7 @@ import logging
 import math
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -124,6 +125,8 @@ class OptimizerEngine:
                      ds.zero_stage, dist.world, micro_batch, grad_accum, dist.world, bf16,
                      ", optimizer offloaded to CPU" if ds.offload_optimizer else "")
         self.zero3 = self.deepspeed and ds.zero_stage == 3
+        self.consolidate_every = ds.consolidate_every
+        self.saves = 0  # checkpoints written by this process
 
     # ------------------------------------------------------------------------------------------
     def backward(self, loss: torch.Tensor, last: bool) -> None:
@@ -225,19 +228,33 @@ class OptimizerEngine:
             self.engine.save_checkpoint(str(folder), tag="deepspeed", save_latest=False,
                                         exclude_frozen_parameters=True)
 
-    def save_checkpoint(self, root: Path, step: int, weights: dict[str, torch.Tensor], weights_file: str,
+    def consolidate_due(self) -> bool:
+        """Whether the next checkpoint carries the consolidated weights: always without DeepSpeed (they are what
+        it resumes from); under DeepSpeed every ``deepspeed.consolidate_every``-th one (0: never)."""
+        n = self.consolidate_every
+        return not self.deepspeed or (n > 0 and self.saves % n == 0)
+
+    def save_checkpoint(self, root: Path, step: int,
+                        weights: dict[str, torch.Tensor] | Callable[[], dict[str, torch.Tensor]], weights_file: str,
                         state: dict, keep: int, rank_extra: dict | None = None) -> Path:
-        """A stage's checkpoint; every rank calls. Rank 0 writes `weights` (consolidated) and `state` (plus
-        the optimizer side and the world size); every rank its DeepSpeed shards and ``rank_K.pt`` (its RNG
-        state and `rank_extra`)."""
-        state = {**state, **self.state_dict(), "world": self.dist.world}
+        """A stage's checkpoint; every rank calls. Rank 0 writes the consolidated `weights` and `state` (plus the
+        optimizer side and the world size); every rank its DeepSpeed shards and ``rank_K.pt`` (its RNG state and
+        `rank_extra`). `weights` as a function (called on every rank: ZeRO-3 gathers are collective) is called
+        and written only when :meth:`consolidate_due`; as a dict (small, e.g. a LoRA) it is always written."""
+        full = weights if isinstance(weights, dict) else (weights() if self.consolidate_due() else None)
+        self.saves += 1
+        state = {**state, **self.state_dict(), "world": self.dist.world, "consolidated": full is not None}
 
         def every_rank(folder: Path) -> None:
             self.save(folder)
             torch.save({"rng": rng_state(), **(rank_extra or {})}, ckpt.rank_file(folder, self.dist.rank))
 
-        return ckpt.save_checkpoint(root, step, lambda f: save_file(weights, str(f / weights_file)), state,
-                                    keep=keep, dist=self.dist, write_every_rank=every_rank)
+        def main_rank(folder: Path) -> None:
+            if full is not None:
+                save_file(full, str(folder / weights_file))
+
+        return ckpt.save_checkpoint(root, step, main_rank, state, keep=keep, dist=self.dist,
+                                    write_every_rank=every_rank)
 
     def open_checkpoint(self, root: Path, weights_file: str) -> tuple[Path, dict, dict] | None:
         """The newest complete checkpoint under `root` for a resume: (folder, state, this rank's extra state),
@@ -250,7 +267,8 @@ class OptimizerEngine:
         if self.deepspeed and state.get("world") != self.dist.world:
             raise UserError(f"checkpoint {folder} was written by {state.get('world')} rank(s), this run has "
                                f"{self.dist.world}: DeepSpeed shards resume on the same world size (the "
-                               f"consolidated {weights_file} holds the weights for a fresh start)")
+                               f"consolidated {weights_file}, in the checkpoints that carry one "
+                               f"(deepspeed.consolidate_every), holds the weights for a fresh start)")
         self.load(folder, state)
         mine = ckpt.rank_file(folder, self.dist.rank)
         extra = ckpt.load_safely(mine) if mine.is_file() else {}

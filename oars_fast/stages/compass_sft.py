@@ -421,12 +421,11 @@ class CompassSFTStage(TrainingLoop):
 
     # ------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        weights = self.engine.full_state()
         state = {"step": self.step, "losses": self.history}
         return self.engine.save_checkpoint(
             self.run_dir / "checkpoints",
             self.step,
-            weights,
+            self.engine.full_state,
             "compass.safetensors",
             state,
             self.job.compass.keep_checkpoints,

@@ -249,12 +249,13 @@ class SFTStage(TrainingLoop):
 
     def save_checkpoint(self) -> Path:
         """Every rank calls: DeepSpeed shards + per-rank RNG/EMA; rank 0: consolidated weights + state."""
-        weights = self.engine.full_state()  # ZeRO-3: gathered (collective), kept on rank 0
         zero3_ema = self.ema is not None and self.engine.zero3  # the EMA is per rank (its partition)
         state = {"step": self.step, "loader": self.loader.state_dict(), "pool_generator": self.gen_pool.get_state(),
                  "losses": self.history,
                  "ema": self.ema.state_dict() if self.ema is not None and not zero3_ema else None}
-        return self.engine.save_checkpoint(self.run_dir / "checkpoints", self.step, weights, "trainable.safetensors",
+        # the consolidated weights, ZeRO-3: gathered (collective), kept on rank 0
+        return self.engine.save_checkpoint(self.run_dir / "checkpoints", self.step, self.engine.full_state,
+                                            "trainable.safetensors",
                                             state, self.job.sft.keep_checkpoints,
                                             rank_extra={"ema": self.ema.state_dict() if zero3_ema else None})
 
