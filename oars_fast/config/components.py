@@ -395,6 +395,18 @@ class RLConfig(Section):
         "an unbiased estimator of the full KL term, with more variance (small beside the policy term at kl_weight "
         "1e-4). Saves (1 - 1/N) of the reference forwards: per term (2 + 1/N) forwards + 1 backward instead of 3 + 1. "
         "nft and flow_grpo alike (flow_grpo: per SDE step); the log line counts ref_forwards and ref_rows")
+    fp8_nograd: Literal["none", "rollout", "rollout_ref"] = doc(
+        "none", "NFT only: which no-grad forwards run the frozen base weights of the transformer blocks' Linear layers "
+        "(under the LoRA and the plain ones; not the modulation, embedding, output or VAE layers) as fp8 e4m3 GEMMs "
+        "(torch._scaled_mm) with row-wise scales (activations per token, weights per output channel); the LoRA branch "
+        "stays in model.dtype. none: no fp8. rollout: the rollout sampler's forwards. rollout_ref: those and the "
+        "reference forwards (v_ref, KL term). v_old is never fp8: NFT's gradient holds (1 - r)(v_theta - v_old), whose "
+        "true size (~1e-4) is ~170x below fp8's error on v_old (~2e-2), and a demo run with fp8 v_old collapsed "
+        "(README). Each weight is quantised once and cached (+1 byte per weight element; re-quantised if it "
+        "changes). The policy update (v_theta, with grad), the held-out evaluation and the export are untouched. Needs "
+        "fp8 GEMMs: a CUDA sm_89+ GPU with model.dtype bf16, or the CPU; setup refuses otherwise. Refused with "
+        "flow_grpo: its ratio compares the rollout's log-probabilities with the update's, which must come from the "
+        "same numerics (oars_fast/models/fp8.py)")
     adv_clip: float = doc(5.0, "advantage clip before mapping to r in [0, 1]; NFT also scales the policy term by it "
                           "(DiffusionNFT's adv_clip_max)")
     global_std: bool = doc(True, "normalise advantages by the std of all the iteration's rewards (DiffusionNFT) "
@@ -434,6 +446,11 @@ class RLConfig(Section):
         check_range(self, "adv_clip", 0.0, lo_open=True)
         check_range(self, "grpo_clip", 0.0, lo_open=True)
         check_range(self, "ref_every", 1)
+        if self.fp8_nograd != "none" and self.objective == "flow_grpo":
+            raise ConfigError(f"RLConfig.fp8_nograd={self.fp8_nograd} is NFT only, not valid with objective=flow_grpo: "
+                              "Flow-GRPO's ratio divides the update's log-probability of each SDE transition by the "
+                              "rollout's, so both must come from the same numerics (an fp8 rollout would bias the "
+                              "ratio away from 1); set rl.fp8_nograd=none or rl.objective=nft")
         check_range(self, "eta_rate", 0.0)
         check_range(self, "eta_max", 0.0, 1.0)
         for name in ("eval_inputs", "eval_every", "log_every", "probe_every", "save_every"):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from diffusers.loaders.lora_pipeline import QwenImageLoraLoaderMixin
 from peft import LoraConfig
 from peft.tuners.lora import Linear as PeftLoraLinear
@@ -109,6 +110,9 @@ class _KernelLoraLinear(PeftLoraLinear):
         base = self.get_base_layer()
         if torch.is_autocast_enabled(x.device.type):  # custom ops are outside autocast: cast as F.linear would
             x = x.to(torch.get_autocast_dtype(x.device.type))
+        if getattr(base, "fp8_on", False) and not torch.is_grad_enabled():  # rl.fp8_nograd (models/fp8.py):
+            la, lb = self.lora_A[a].weight, self.lora_B[a].weight  # the base GEMM in fp8, the LoRA branch in x's dtype
+            return base(x) + F.linear(F.linear(x, la.to(x.dtype)), lb.to(x.dtype)) * float(self.scaling[a])
         return self.op(x, base.weight, base.bias, self.lora_A[a].weight, self.lora_B[a].weight,
                        float(self.scaling[a]))
 

@@ -26,7 +26,9 @@ One iteration, as the loop in :meth:`RLStage.train_iteration` reads:
    transition means (flow_grpo). ``rl.ref_every = N > 1`` (both objectives): the reference forward runs
    for about 1/N of the (candidate, time) terms (:func:`ref_terms`), their KL weighted by N (an unbiased
    estimate of the full KL term): ``(2 + 1/N)`` forwards per term instead of 3 (``ref_forwards`` and
-   ``ref_rows`` in the log line);
+   ``ref_rows`` in the log line). ``rl.fp8_nograd`` (NFT only): the rollout's forwards (``rollout``) and also
+   ``v_ref``'s (``rollout_ref``) run the frozen block Linears as fp8 row-wise GEMMs (:mod:`oars_fast.models.fp8`);
+   ``v_old`` never (its difference to ``v_theta`` is the NFT signal), nor ``v_theta``, the evaluation or the export;
 5. NFT: old policy ``old <- eta * old + (1 - eta) * current``, eta from ``rl.eta_schedule``; both
    objectives: the EMA of the trained LoRA (``rl.ema``, DiffusionNFT's ``train.ema``) that the held-out
    evaluation and the export use.
@@ -76,6 +78,7 @@ from ..data.heldout import held_out
 from ..data.images import make_grid, save_image
 from ..errors import UserError
 from ..kernels import group_advantages, nft_loss_with_stats
+from ..models import fp8
 from ..models.backbone import DTYPES, Condition, SRBackbone, load_backbone
 from ..models.lora import PolicyAdapters, save_lora, use_lora_kernel
 from ..models.merge import merge_into_folder
@@ -185,6 +188,10 @@ class RLStage(TrainingLoop):
         self.model: SRBackbone = load_backbone(job.model, job.data.scale, self.device, job.run.seed)
         self.policy = PolicyAdapters(self.model.transformer, job.lora, init_from=rl.init_lora)
         use_lora_kernel(self.model.transformer, job.lora.kernel)
+        self.fp8_forwards = None
+        if rl.fp8_nograd != "none":  # the frozen block Linears as fp8 GEMMs in some no-grad forwards (models/fp8.py)
+            fp8.check_support(self.device, self.autocast_dtype)
+            self.fp8_forwards = fp8.enable(self.model.transformer)
         self.params = self.policy.named_parameters()
         self.lora_ema = EMA(self.params, rl.ema_max_decay) if rl.ema else None  # eval/export weights
         self.ema_steps, self.cond_s = 0, 0.0
@@ -193,6 +200,13 @@ class RLStage(TrainingLoop):
                                       ds=job.deepspeed, dist=d, device=self.device,
                                       micro_batch=self.groups * rl.group_size, model_dtype=job.model.dtype)
         self.reward_fn = build_reward(job.reward, self.device)
+        if self.fp8_forwards is not None:
+            f8 = self.fp8_forwards
+            f8.warm()  # after the engine (it may move or cast the model): each weight quantised once
+            log.info("rl.fp8_nograd=%s: %d Linear layers of the transformer blocks (%.1fM weights, lora.kernel=%s) as "
+                     "fp8 e4m3 row-wise GEMMs in the %s forwards; fp8 weight cache %.1f MiB", rl.fp8_nograd,
+                     len(f8.layers), f8.params / 1e6, job.lora.kernel,
+                     "rollout" if rl.fp8_nograd == "rollout" else "rollout and v_ref", f8.cache_bytes() / 2**20)
         times = f", {rl.update_times} {rl.train_timesteps} update times per candidate" if rl.objective == "nft" else ""
         if rl.ref_every > 1 and rl.kl > 0:
             times += f", reference forward on ~1/{rl.ref_every} of the update terms (KL weighted x{rl.ref_every})"
@@ -276,8 +290,17 @@ class RLStage(TrainingLoop):
         with autocast(self.device, self.autocast_dtype):
             if policy is None:
                 return self.model.velocity(x_t, t, cond)
-            with torch.no_grad(), self.policy.use(policy):
+            with torch.no_grad(), self.policy.use(policy), self._fp8(policy):
                 return self.model.velocity(x_t, t, cond)
+
+    def _fp8(self, forward: str):
+        """rl.fp8_nograd: the context of one of the iteration's no-grad forwards (`forward`: rollout | old | ref): fp8
+        GEMMs for the frozen block Linears when the option covers it (rollout: the rollout; rollout_ref: and ref;
+        never old), only while autograd is off (models/fp8.py); else a no-op."""
+        covered = {"none": (), "rollout": ("rollout",), "rollout_ref": ("rollout", "ref")}[self.job.rl.fp8_nograd]
+        if self.fp8_forwards is None or forward not in covered:
+            return contextlib.nullcontext()
+        return self.fp8_forwards.on()
 
     def _work(self, n_local: int, passes: int) -> tuple[list[tuple[int, slice]], int]:
         """(pass, micro-batch rows) of this rank's update, padded with empty slices to the largest count
@@ -420,8 +443,9 @@ class RLStage(TrainingLoop):
         # 1. rollout (NFT: old policy; Flow-GRPO: current, on-policy; no grad); each group stays on its rank
         t1 = time.perf_counter()
         self.cond_s = 0.0
-        ro = self.rollout(lr, gt, seed=derive_seed(job.run.seed, _ROLLOUT, self.step), groups=groups,
-                          policy="old" if rl.objective == "nft" else "current")
+        with self._fp8("rollout"):
+            ro = self.rollout(lr, gt, seed=derive_seed(job.run.seed, _ROLLOUT, self.step), groups=groups,
+                              policy="old" if rl.objective == "nft" else "current")
         # 2. reward
         t2 = time.perf_counter()
         local_scores, parts = self.score(ro)
