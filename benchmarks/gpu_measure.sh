@@ -33,7 +33,7 @@
 #   profile       60 / 30   2-layer full-width transformer + LoRA fwd+bwd: triton vs peft agreement, TFLOP/s
 #                           vs benchmarks.rl_cost, torch.profiler top 15 kernels        -> transformer_profile.txt
 #   rl_iteration  85 / 45   benchmarks.rl_iteration (2 layers, K 8, 2 inputs, synthetic demo patches):
-#                           ours vs diffusers + peft                                     -> rl_iteration.csv
+#                           ours, ours + rl.fp8_nograd=rollout_ref, diffusers + peft     -> rl_iteration.csv
 # Everything a step prints goes to measure.log; gpu.txt ends with each step's status and seconds.
 set -uo pipefail
 SMOKE=0
@@ -149,8 +149,8 @@ step_rl_iteration() {
         --work "$SCRATCH/bench_rl"
   else
     "$PYTHON" -m benchmarks.gpu_steps demo-cache --home "$home" --patch 256 \
-      && HOME=$home "$PYTHON" -m benchmarks.rl_iteration --layers 2 --k 8 --inputs 2 --iters 2 --out "$SCRATCH/rl" \
-        --work "$SCRATCH/bench_rl"
+      && HOME=$home "$PYTHON" -m benchmarks.rl_iteration --layers 2 --k 8 --inputs 2 --iters 2 --fp8 \
+        --out "$SCRATCH/rl" --work "$SCRATCH/bench_rl"
   fi
 }
 export -f step_info step_ceilings step_kernel_tests step_lora_linear step_nft step_profile step_rl_iteration

@@ -1,12 +1,15 @@
 """One full RL iteration (rollout K x inputs, reward, NFT update, old-policy EMA) at full transformer
 width with fewer layers, bf16: ours (fused LoRA linear + fused NFT loss) against the plain reference
 loop (peft's eager LoRA + the pure-torch NFT loss), side by side in one run, time per phase and peak
-memory. Both do three transformer forwards per update micro-batch (v_old, v_ref, v_theta).
+memory. Both do three transformer forwards per update micro-batch (v_old, v_ref, v_theta). ``--fp8`` adds
+"ours_fp8": ours with ``rl.fp8_nograd=rollout_ref`` (fp8 row-wise GEMMs for the frozen block weights in the
+rollout and v_ref forwards; sm_89+ or the CPU).
 
 Agreement before the timings count: both start from the same seed, so the warm-up iteration's rollouts
 (the LoRA's B is zero at the start: the base model through each provider's linear) and its loss (the fused
 vs the pure-torch NFT loss) must agree: reward within 2% (+1e-3), loss within 5% (+1e-4) in bf16. A
 mismatch is printed, written into the CSV's note and makes the script exit 1; its timings are not results.
+Each of ours / ours_fp8 is compared with the reference.
 
 The model is the production transformer architecture (3072 hidden, 24 heads of 128, text dim 3584,
 ``--layers`` blocks) with random weights; the VAE is the tiny 4x one, so ``--crop 256`` gives the
@@ -54,6 +57,7 @@ def main(argv=None) -> None:
     ap.add_argument("--inputs", type=int, default=4)
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--smoke", action="store_true", help="tiny model and shapes on any device (a check, not a result)")
+    ap.add_argument("--fp8", action="store_true", help="also ours with rl.fp8_nograd=rollout_ref (ours_fp8)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--work", type=Path, default=Path("runs/bench_rl"))
     args = ap.parse_args(argv)
@@ -73,9 +77,11 @@ def main(argv=None) -> None:
                    f"rl.group_size={args.k}", f"rl.inputs_per_iter={args.inputs}", "model.dtype=bf16",
                    "rl.micro_batch=8", "model.gradient_checkpointing=true"]
     rows, warm = [], {}
-    for provider, fused in (("ours", True), ("reference", False)):
+    providers = [("ours", True, "none")] + ([("ours_fp8", True, "rollout_ref")] if args.fp8 else []) + \
+        [("reference", False, "none")]
+    for provider, fused, fp8 in providers:
         job = load_config(RLJob, None, common + [f"run.name={provider}", f"lora.kernel={'triton' if fused else 'peft'}",
-                                                 f"rl.iterations={args.iters + 1}"])
+                                                 f"rl.iterations={args.iters + 1}", f"rl.fp8_nograd={fp8}"])
         with kernels.backend("auto" if fused else "torch"):
             st = RLStage(job).setup()
             warm[provider] = st.train_iteration()  # warm-up (autotuning, allocator, cuDNN); checked below
@@ -102,10 +108,15 @@ def main(argv=None) -> None:
                      "note": "smoke" if args.smoke else f"rollout {med['rollout_s'] * 1e3:.1f} ms; reward "
                      f"{med['reward_s'] * 1e3:.1f} ms; update {med['train_s'] * 1e3:.1f} ms",
                      "peak_mb": f"{peak:.0f}"})
-    ok, agreement = check_agreement(warm["ours"], warm["reference"])
-    print(f"rl_iteration agreement (warm-up iteration, ours vs reference): {agreement}")
+    ok, notes = True, {}
+    for provider in warm:
+        if provider != "reference":
+            good, agreement = check_agreement(warm[provider], warm["reference"])
+            ok &= good
+            notes[provider] = f"{'agree' if good else 'MISMATCH'}: {agreement}"
+            print(f"rl_iteration agreement (warm-up iteration, {provider} vs reference): {agreement}")
     for r in rows:
-        r["note"] = f"{r['note']}; {'agree' if ok else 'MISMATCH'}: {agreement}"
+        r["note"] = f"{r['note']}; {notes.get(r['provider'], 'the reference')}"
     write_rows(rows, args.out / "rl_iteration.csv")
     if not ok:
         raise SystemExit("rl_iteration: ours and the reference loop disagree (see above); the timings are not results")

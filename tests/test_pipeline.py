@@ -44,8 +44,9 @@ def test_pipeline_end_to_end_then_skips_then_resumes(tmp_path, demo_cache):
         assert (root / path).exists(), path
     metrics = json.loads((root / "eval" / "metrics.json").read_text())
     html = (root / "report.html").read_text()
-    for model in ("bicubic", "SFT", "FR-RL", "OARS"):
-        assert model in json.dumps(metrics) and f">{model}<" in html, model
+    assert list(metrics["models"]) == ["bicubic", "SFT", "FR-RL", "OARS", "SFT+BP", "OARS+BP"]
+    for model in metrics["models"]:
+        assert f">{model}<" in html, model
     for ref in re.findall(r'(?:src|href)="([^"#:]+)"', html):
         assert (root / ref).exists(), ref  # every file the report references
     assert re.search(r"data\s+ran", res.stdout) and "report" in res.stdout

@@ -565,10 +565,6 @@ class RLStage(TrainingLoop):
             n = merge_into_folder(self.job.rl.sft_model, self.run_dir / "lora", self.run_dir / "merged")
             log.info("%d LoRA layers merged into %s -> %s", n, self.job.rl.sft_model, self.run_dir / "merged")
 
-    def cleanup(self) -> None:
-        if hasattr(self, "logger"):
-            self.logger.close()
-
     def summary(self) -> str:
         job = self.job
         return (f"rl ({job.rl.mode}, {job.rl.objective}, reward {self.reward_fn.name}): {self.step} iterations; "
