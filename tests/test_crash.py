@@ -71,3 +71,29 @@ def test_rl_zero2_killed_in_training_resumes(tmp_path, demo_cache):
     launch(1, args("full"))
     full = losses(tmp_path / "full", "rl")
     _check_resume(tmp_path, "z2", full, 2, args("z2"), "train:4", resumed_from=2, stage="rl")
+
+
+def test_pruning_spares_the_newest_checkpoint_with_consolidated_weights(tmp_path):
+    """keep=2, consolidated weights in the 1st and 3rd of five checkpoints (deepspeed.consolidate_every=2): the
+    newest two stay, and so does the 3rd, the newest that a run on another world size could start from."""
+    from oars_fast.runtime.checkpoint import complete_checkpoints, save_checkpoint
+
+    for step in range(1, 6):
+        write = (lambda f: (f / "w.safetensors").write_text("w")) if step in (1, 3) else (lambda f: None)
+        save_checkpoint(tmp_path, step, write, {"step": step}, keep=2, keep_with="w.safetensors")
+    assert [s for s, _ in complete_checkpoints(tmp_path)] == [3, 4, 5]
+    save_checkpoint(tmp_path, 6, lambda f: None, {"step": 6}, keep=2)  # without keep_with: the newest two only
+    assert [s for s, _ in complete_checkpoints(tmp_path)] == [5, 6]
+
+
+def test_publish_folder_replaces_a_result_whole(tmp_path):
+    from oars_fast.runtime.checkpoint import publish_folder
+
+    dst, tmp = tmp_path / "model", tmp_path / "model.tmp"
+    for version in ("one", "two"):
+        tmp.mkdir()
+        (tmp / "weights").write_text(version)
+        (tmp_path / "model.old").mkdir(exist_ok=True)  # a leftover of an interrupted publish
+        assert publish_folder(tmp, dst) == dst
+        assert (dst / "weights").read_text() == version
+        assert not tmp.exists() and not (tmp_path / "model.old").exists()

@@ -110,17 +110,22 @@ def test_backbone_encode_decode_take_the_fast_path_and_agree(tiny_base, monkeypa
     inference output does) and give what the library's 3-D path gives."""
     from oars_fast.config.components import ModelConfig
     from oars_fast.models import backbone as bb
+    from oars_fast.models import vae_fast
 
     model = bb.load_backbone(ModelConfig(pretrained=str(tiny_base), dtype="fp32"), 4, "cpu", 0).eval()
     img = torch.rand(2, 3, 32, 48, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         z = model.encode(img)
         rec = model.decode(z)
-        calls = []
+        calls, convs = [], []
         real = bb.single_frame_convs
         monkeypatch.setattr(bb, "single_frame_convs", lambda m: calls.append(m) or real(m))
+        real_2d = vae_fast.causal_conv3d_single_frame
+        monkeypatch.setattr(vae_fast, "causal_conv3d_single_frame", lambda c, x: convs.append(c) or real_2d(c, x))
         model.decode(model.encode(img))
         assert calls == [model.vae, model.vae]
+        n_convs = sum(type(m).__name__ == "QwenImageCausalConv3d" for m in model.vae.modules())
+        assert len(set(map(id, convs))) == n_convs - 2  # all but the two time_convs (frames only)
         # the library's own path: the same formulas without the context
         x = (img * 2 - 1).unsqueeze(2)
         z_ref = (model.vae.encode(x).latent_dist.mode()[:, :, 0] - model.latents_mean) / model.latents_std

@@ -162,6 +162,10 @@ def test_a_model_folder_is_sampled_once_and_reused(pair_dir, tmp_path, monkeypat
     assert {r["image"]: r["psnr_y"] for r in rows if r["model"] == "tiny"} == first
     _run(tmp_path, *args[:-3], "sampler.steps=2", *args[-2:])  # other sampler settings: computed again
     assert len(calls) == 4
+    # the same folder, exported again (e.g. pipeline.redo of the stage that wrote it): computed again
+    build_tiny(ModelConfig(tiny={"num_layers": 1}), seed=1).save_pretrained(model_dir)
+    _run(tmp_path, *args[:-3], "sampler.steps=2", *args[-2:])
+    assert len(calls) == 6
 
 
 def test_benchmark_layouts(tmp_path):

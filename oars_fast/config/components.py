@@ -158,9 +158,10 @@ class ModelConfig(Section):
         "start; worth it on a GPU, not for the tiny CPU model")
     text_encoder_offload: bool = doc(
         False, "condition=edit: keep the prompt encoder (Qwen2.5-VL-7B, 16.6 GB in bf16) in pinned host memory and put "
-        "it on the device only while SRBackbone.condition runs (RL: once per iteration for all its inputs; SFT: every "
-        "micro-batch; inference: every image), then free its device copy. Costs one host-to-device copy of its "
-        "weights per call; frees its memory for activations in between (see the README's memory plan)")
+        "it on the device only while it runs (RL: once per iteration for all its inputs; SFT: every micro-batch; "
+        "inference and eval: once per image, across its tiles), then free its device copy. Costs one host-to-device "
+        "copy of its weights each time and 16.6 GB of pinned host memory per rank (x8 ranks per node); frees its "
+        "device memory for activations in between (see the README's memory plan)")
 
     @property
     def recompute(self) -> str:

@@ -168,14 +168,16 @@ class SRBackbone(nn.Module):
                     self._offload_slots.append((slots, name, seen[id(t)]))
 
     @contextlib.contextmanager
-    def _prompt_encoder_on(self, device: torch.device):
+    def prompt_encoder_on(self, device: torch.device):
         """While the block runs, the offloaded prompt encoder's weights are device copies; afterwards the host
         tensors are back in place and the copies are freed (nothing is copied back: the weights are frozen). A
-        no-op without offload or on the CPU."""
+        no-op without offload, on the CPU, or inside another such block (e.g. inference holds it for a whole
+        image, across its tile batches and CFG's two conditions)."""
         slots = getattr(self, "_offload_slots", None)
-        if not slots or torch.device(device).type == "cpu":
+        if not slots or torch.device(device).type == "cpu" or getattr(self, "_encoder_on_device", False):
             yield
             return
+        self._encoder_on_device = True
         moved: dict[int, torch.Tensor] = {}
         try:
             for d, name, host in slots:
@@ -187,6 +189,7 @@ class SRBackbone(nn.Module):
         finally:
             for d, name, host in slots:
                 d[name] = host
+            self._encoder_on_device = False
 
     # -- geometry ---------------------------------------------------------------------------------
     @property
@@ -241,7 +244,7 @@ class SRBackbone(nn.Module):
         prompt's (true CFG)."""
         latents = self.encode_lr(lr)
         if self.prompt_encoder is not None:
-            with self._prompt_encoder_on(lr.device):
+            with self.prompt_encoder_on(lr.device):
                 return Condition(latents, *self.prompt_encoder(lr, " " if negative else self.instruction))
         if negative:
             if self.negative_embeds is None:

@@ -51,12 +51,14 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 
 def save_checkpoint(root: str | Path, step: int, write: Callable[[Path], None], state: dict, keep: int = 2,
-                    dist: Dist | None = None, write_every_rank: Callable[[Path], None] | None = None) -> Path:
+                    dist: Dist | None = None, write_every_rank: Callable[[Path], None] | None = None,
+                    keep_with: str | None = None) -> Path:
     """Write checkpoint `step` atomically; every rank calls it.
 
     1. rank 0 makes ``step_N.tmp``; 2. every rank runs `write_every_rank(tmp)` (DeepSpeed shards,
     per-rank RNG); 3. rank 0 runs `write(tmp)` (consolidated weights), saves `state`, fsyncs, writes
-    the marker and renames the folder to ``step_N``; older checkpoints beyond `keep` are pruned.
+    the marker and renames the folder to ``step_N``; older checkpoints beyond `keep` are pruned, except
+    the newest one holding the file `keep_with` (the consolidated weights, when not every checkpoint has them).
     """
     root, dist = Path(root), dist or Dist()
     final = root / f"step_{step:06d}"
@@ -79,8 +81,11 @@ def save_checkpoint(root: str | Path, step: int, write: Callable[[Path], None], 
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        for _, old in complete_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        complete = [folder for _, folder in complete_checkpoints(root)]
+        holders = [f for f in complete if keep_with and (f / keep_with).is_file()]
+        for old in complete[:-keep]:
+            if not (holders and old == holders[-1]):
+                shutil.rmtree(old, ignore_errors=True)
         for stale in root.glob("step_*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
         log.info("checkpoint written: %s", final)
@@ -89,11 +94,16 @@ def save_checkpoint(root: str | Path, step: int, write: Callable[[Path], None], 
 
 
 def publish_folder(tmp: str | Path, dst: str | Path) -> Path:
-    """Put the finished folder `tmp` in place of `dst` (the old `dst`, if any, removed first): a crash leaves
-    either the old result or the new one complete in `tmp`, never a half-written `dst`."""
+    """Put the finished folder `tmp` in place of `dst`: the old `dst` is renamed to ``<dst>.old``, `tmp` renamed
+    to `dst`, then the old one deleted. A crash leaves a complete `dst` (old or new) or, between the renames, the
+    old one complete in ``<dst>.old`` and the new one in `tmp`; never a half-written or half-deleted `dst`."""
     tmp, dst = Path(tmp), Path(dst)
-    shutil.rmtree(dst, ignore_errors=True)
+    old = dst.with_name(dst.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dst.exists():
+        dst.rename(old)
     tmp.rename(dst)
+    shutil.rmtree(old, ignore_errors=True)
     return dst
 
 

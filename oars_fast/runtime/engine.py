@@ -254,7 +254,7 @@ class OptimizerEngine:
                 save_file(full, str(folder / weights_file))
 
         return ckpt.save_checkpoint(root, step, main_rank, state, keep=keep, dist=self.dist,
-                                    write_every_rank=every_rank)
+                                    write_every_rank=every_rank, keep_with=weights_file)
 
     def open_checkpoint(self, root: Path, weights_file: str) -> tuple[Path, dict, dict] | None:
         """The newest complete checkpoint under `root` for a resume: (folder, state, this rank's extra state),

@@ -224,6 +224,20 @@ def resolve_models(job: EvalJob) -> list[ModelSpec]:
     return specs
 
 
+def _folder_stamp(source: str) -> str:
+    """A fingerprint of a model folder's files (relative path, size, modification time): a model exported again
+    into the same folder (e.g. ``pipeline.redo=[rl_nr]``) gets new outputs. A hub id stands for itself."""
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
+        return source
+    h = hashlib.sha1()
+    for f in sorted(folder.rglob("*")):
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.relative_to(folder)}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()
+
+
 def _sha1(img: torch.Tensor) -> str:
     return hashlib.sha1(to_uint8(img).tobytes()).hexdigest()
 
@@ -257,10 +271,13 @@ class _Producer:
 
     def _settings(self) -> dict:
         j = self.job
-        return {"source": self.spec.source, "seed": j.run.seed, "sampler": dataclasses.asdict(j.sampler),
-                "dtype": j.model.dtype, "condition": j.model.condition,
-                "tiling": [j.infer.tile, j.infer.tile_overlap, j.infer.max_pixels],
-                "back_projection": j.infer.back_projection}
+        out = {"source": self.spec.source, "seed": j.run.seed, "sampler": dataclasses.asdict(j.sampler),
+               "dtype": j.model.dtype, "condition": j.model.condition,
+               "tiling": [j.infer.tile, j.infer.tile_overlap, j.infer.max_pixels],
+               "prompt": [j.model.prompt, j.model.prompt_embeds], "weights": _folder_stamp(self.spec.source)}
+        if j.infer.back_projection:
+            out["back_projection"] = j.infer.back_projection
+        return out
 
     def _model(self):
         if self.resolver is None:

@@ -70,7 +70,8 @@ class SuperResolver:
     @torch.no_grad()
     def __call__(self, lr: torch.Tensor, seed: int) -> torch.Tensor:
         """(3, h, w) LR in [0, 1] -> (3, h*scale, w*scale) SR (back-projected when infer.back_projection > 0)."""
-        sr = self._sample(lr, seed)
+        with self.model.prompt_encoder_on(lr.device):  # model.text_encoder_offload: once per image, not per tile
+            sr = self._sample(lr, seed)
         steps = self.job.infer.back_projection
         return back_project(sr[None], lr[None], steps)[0] if steps else sr
 

@@ -270,10 +270,11 @@ class Pipeline:
 
     def _model(self, folder: str, early: bool):
         model = load_backbone(dataclasses.replace(self._sft_job().model, pretrained=folder), device="cpu").eval()
-        if early:  # the SFT run's oldest kept checkpoint, on the base it started from
+        if early:  # the SFT run's oldest kept checkpoint with consolidated weights, on the base it started from
             ckpts = sorted(self.path("sft", "checkpoints").glob("step_*/trainable.safetensors"))
             if not ckpts:
-                raise UserError("pipeline.methods=sft_early needs a checkpoint of the sft stage (sft.save_every)")
+                raise UserError("pipeline.methods=sft_early needs a checkpoint of the sft stage with its consolidated "
+                                "weights (sft.save_every; under DeepSpeed also deepspeed.consolidate_every)")
             model.transformer.load_state_dict(load_file(str(ckpts[0])), strict=False)
         return model
 
