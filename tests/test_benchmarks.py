@@ -42,3 +42,25 @@ def test_loader_benchmark_runs(tmp_path):
     res = loaders.main(["--smoke", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "out")])
     rows = list(csv.DictReader(open(tmp_path / "out" / "loaders.csv")))
     assert {r["loader"] for r in rows} == set(res) and "torch" in res and all(v > 0 for v in res.values())
+
+
+def test_memory_plan_and_the_second_gpu_script_run(tmp_path):
+    """benchmarks.memory_plan and gpu_memory.sh --cpu-smoke: the code paths a GPU session would run (no memory
+    numbers on the CPU, the weights counted instead)."""
+    import os
+    import subprocess
+    import sys
+
+    from benchmarks import memory_plan
+
+    got = memory_plan.main(["--smoke", "--out", str(tmp_path / "mp")])
+    assert got[2]["weights"] > got[1]["weights"] > 0
+    rows = list(csv.DictReader(open(tmp_path / "mp" / "memory_plan.csv")))
+    assert [(r["quantity"], r["blocks"]) for r in rows if r["kind"] == "fit"] == [
+        ("weights", "60"), ("rollout", "60"), ("update", "60")]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run(["bash", "benchmarks/gpu_memory.sh", str(tmp_path / "gm"), "--cpu-smoke"], capture_output=True,
+                         text=True, env={**env, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "gm").iterdir()) == [
+        "compass_scoring.csv", "cuda_tests.log", "memory.log", "memory_plan.csv"]

@@ -72,6 +72,24 @@ def test_fp8_linear_relative_error_within_bound(m, n, k):
     assert 0.005 < err < REL_BOUND  # it is really quantised, and within the bound
 
 
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)),
+                    reason="needs a CUDA GPU with fp8 GEMMs (sm_89+)")
+@pytest.mark.parametrize("m,n,k", [(16384, 3072, 3072), *AWKWARD])
+def test_scaled_mm_on_the_gpu_matches_the_reference_in_bf16(m, n, k):
+    """On sm_89+: cuBLASLt's row-wise fp8 GEMM with bf16 output against the dequantised fp32 reference (the output
+    is rounded to bf16 once), and its error against the exact product within the stated bound."""
+    x, w, b = (t.cuda() for t in _inputs(m, n, k, seed=7))
+    w_q, w_s = fp8.quantize_weight(w)
+    y = fp8.fp8_linear(x.bfloat16(), w_q, w_s, n, b, out_dtype=torch.bfloat16)
+    ref = fp8.fp8_linear_ref(x.bfloat16().float(), w_q, w_s, n, b)
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    torch.testing.assert_close(y.float(), ref, rtol=1.6e-2, atol=1e-2 * float(ref.abs().max()))
+    if k >= 64 and m >= 4:  # (short dot products: one rounding of each operand, up to ~12% per element)
+        exact = (x.double() @ w.double().t())[3:]  # (the zero, huge and tiny rows are checked on the CPU)
+        err = float(((y.double() - b.double())[3:] - exact).norm() / exact.norm())
+        assert err < REL_BOUND, err
+
+
 def test_cache_reuses_and_invalidates():
     layer = nn.Linear(24, 40)
     layer.__class__ = fp8.Fp8Linear
