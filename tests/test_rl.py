@@ -163,3 +163,24 @@ def test_edit_conditioning_is_computed_once_per_group(tmp_path, demo_cache):
     stats = st.train_iteration()
     assert stats["cond_s"] > 0 and torch.isfinite(torch.tensor(stats["loss"]))
     st.cleanup()
+
+
+def test_a_compass_variant_is_evaluated_with_the_full_reward(tmp_path, policy_base, demo_cache):
+    """reward.compass_variant=dq_only trains on Q_SR - Q_LR, but the held-out score is the full COMPASS R from the
+    same loaded model, so dq_only and full runs compare."""
+    from oars_fast.rewards.compass import CompassModel, CompassReward
+
+    CompassModel.random(dtype=torch.float32, device="cpu").save_pretrained(tmp_path / "compass")
+    st = RLStage(_job(tmp_path, policy_base, demo_cache, "rl.mode=nr", "reward.name=compass",
+                      f"reward.compass={tmp_path / 'compass'}", "reward.compass_variant=dq_only")).setup()
+    assert st.reward_fn.variant == "dq_only" and st.eval_reward_fn.variant == "full"
+    assert st.eval_reward_fn.model is st.reward_fn.model  # not loaded twice
+    ro = st.rollout(st.eval_set.lr, st.eval_set.hr, seed=3, policy="current", k=4, sde=False)
+    full = CompassReward(st.reward_fn.model, "full")(ro.lr, ro.images, ro.gt, ro.group_index)[0]
+    dq = st.reward_fn(ro.lr, ro.images, ro.gt, ro.group_index)[0]
+    assert not torch.allclose(full, dq)
+    evaluated = []
+    st.rollout = lambda *a, **k: evaluated.append(k) or ro  # the evaluation's own rollout: the one scored above
+    assert st.evaluate() == pytest.approx(float(full.mean()), abs=1e-6)
+    assert evaluated and evaluated[0]["sde"] is False
+    st.cleanup()

@@ -200,6 +200,12 @@ class RLStage(TrainingLoop):
                                       ds=job.deepspeed, dist=d, device=self.device,
                                       micro_batch=self.groups * rl.group_size, model_dtype=job.model.dtype)
         self.reward_fn = build_reward(job.reward, self.device)
+        # the held-out score: the full COMPASS R whatever variant trains (dq_only / no_fidelity runs then compare with
+        # full ones), from the same loaded model; any other reward scores itself
+        self.eval_reward_fn = self.reward_fn
+        if getattr(self.reward_fn, "variant", "full") != "full":
+            rf = self.reward_fn
+            self.eval_reward_fn = type(rf)(rf.model, "full", rf.gamma, rf.batch_size)
         if self.fp8_forwards is not None:
             f8 = self.fp8_forwards
             f8.warm()  # after the engine (it may move or cast the model): each weight quantised once
@@ -261,12 +267,13 @@ class RLStage(TrainingLoop):
     @torch.no_grad()
     def evaluate(self, seed: int = _EVAL_SEED) -> float:
         """Mean reward of the current policy on the held-out inputs: 4 candidates each, fixed seeds,
-        deterministic ODE (the same sampler for every objective, so runs compare)."""
+        deterministic ODE (the same sampler for every objective, so runs compare); a COMPASS variant is scored with
+        the full R (``eval_reward_fn``)."""
         if self.eval_set is None or not self.dist.main:
             return float("nan")
         with self.eval_weights():
             ro = self.rollout(self.eval_set.lr, self.eval_set.hr, seed, policy="current", k=4, sde=False)
-        return float(self.score(ro)[0].mean())
+        return float(self.eval_reward_fn(ro.lr, ro.images, ro.gt, ro.group_index)[0].mean())
 
     @contextlib.contextmanager
     def eval_weights(self):
@@ -568,7 +575,7 @@ class RLStage(TrainingLoop):
     def summary(self) -> str:
         job = self.job
         return (f"rl ({job.rl.mode}, {job.rl.objective}, reward {self.reward_fn.name}): {self.step} iterations; "
-                f"held-out mean reward {self.eval_before:.4f} -> {self.eval_after:.4f}; LoRA in "
+                f"held-out mean {self.eval_reward_fn.name} reward {self.eval_before:.4f} -> {self.eval_after:.4f}; LoRA in "
                 f"{self.run_dir / 'lora'}")
 
 
