@@ -421,7 +421,8 @@ body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;c
 h1{font-size:22px} h2{font-size:18px;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:28px}
 table.metrics{border-collapse:collapse;font-size:14px} table.metrics td,table.metrics th{border:1px solid #ccc;
 padding:4px 10px;text-align:right} table.metrics th.model{text-align:left} table.metrics thead th{background:#f3f3f3}
-table.grid{border-collapse:collapse} table.grid td,table.grid th{padding:2px;font-size:13px;text-align:center}
+table.grid{border-collapse:collapse;table-layout:fixed;width:100%} table.grid td,table.grid th{padding:2px;
+font-size:13px;text-align:center} table.grid img{max-width:100%;height:auto}
 img.zoom{image-rendering:pixelated;image-rendering:crisp-edges} figure{margin:0 0 18px 0}
 figcaption{font-size:12px;color:#555} .na{color:#a33} .small{font-size:12px;color:#555} img{vertical-align:top}
 """
