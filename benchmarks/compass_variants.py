@@ -4,9 +4,13 @@ Then every resulting model is evaluated on the held-out patches with the *full* 
 the LR (LR consistency: PSNR of the 4x-downsampled SR against the LR) and PSNR-Y against the HR.
 
 The paper reports that without the fidelity term the policy hacks the reward: quality rises while fidelity to
-the input falls. Needs a finished demo run (`make demo`: base, sft, rl_fr, compass, heldout).
+the input falls. The variant ``null`` is a control: the full COMPASS score permuted at random within each group
+(the same reward statistics, no signal about which candidate is better); a gain of ``full`` is a learned one only
+where it exceeds the null's. Needs a finished demo run (`make demo`: base, sft, rl_fr, compass, heldout). The
+NR-RL settings are those of ``configs/demo/rl_nr.yaml``.
 
-    python -m benchmarks.compass_variants [--run runs/demo] [--iterations 10] [--seeds 0 1 2] [--variants full dq_only]
+    python -m benchmarks.compass_variants [--run runs/demo] [--iterations 100] [--seeds 0 1] \
+        [--variants full dq_only null]
 
 Writes benchmarks/results/compass_variants.csv (one row per model) and prints mean +- std per variant, and the
 change against the start (FR-RL).
@@ -15,8 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 from pathlib import Path
+
+import torch
 
 from oars_fast.config import EvalJob, RLJob, load_config
 from oars_fast.config.schema import shipped_config
@@ -26,14 +33,43 @@ from oars_fast.stages import rl as rl_stage
 from .harness import RESULTS, device_name, git_sha, write_table
 
 METRICS = ("compass_reward", "compass_f", "compass_q_sr", "lr_consistency", "psnr_y")
+NULL_COMPASS = "OARS_NULL_COMPASS"  # the COMPASS folder of the null control's reward (set by main)
+
+
+class ShuffledReward:
+    """The null control: the wrapped reward's scores permuted at random within each group (seeded per call)."""
+
+    name = "compass_shuffled"
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    def __call__(self, lr, sr, gt, group_index):
+        scores, parts = self.inner(lr, sr, gt, group_index)
+        g = torch.Generator().manual_seed(1000 + self.calls)
+        self.calls += 1
+        gi = torch.as_tensor(group_index).cpu()
+        out = scores.clone()
+        for v in torch.unique(gi):
+            rows = (gi == v).nonzero().flatten()
+            out[rows] = scores[rows[torch.randperm(len(rows), generator=g)]]
+        return out, parts
+
+
+def shuffled_compass(device):
+    """reward.custom=benchmarks.compass_variants:shuffled_compass (the null variant)."""
+    from oars_fast.rewards.compass import CompassReward
+
+    return ShuffledReward(CompassReward.from_pretrained(os.environ[NULL_COMPASS], device, variant="full"))
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, default=Path("runs/demo"))
-    ap.add_argument("--iterations", type=int, default=10)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--variants", nargs="+", default=["full", "dq_only"])
+    ap.add_argument("--iterations", type=int, default=100)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--variants", nargs="+", default=["full", "dq_only", "null"],
+                    choices=["full", "dq_only", "no_fidelity", "null"])
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     run = args.run.resolve()
@@ -43,6 +79,7 @@ def main(argv=None) -> None:
     if missing:
         raise SystemExit(f"missing {missing}: run `make demo` first (or pass --run)")
     work = run / "compass_variants"
+    os.environ[NULL_COMPASS] = str(run / "compass" / "model")
     models = [{"start_FR-RL": str(run / "rl_fr" / "merged")}]
     for variant in args.variants:
         for seed in args.seeds:
@@ -51,7 +88,9 @@ def main(argv=None) -> None:
                 f"run.output_dir={work}", f"run.name={name}", f"run.seed={seed}", "run.log_interval=30",
                 f"model.pretrained={run / 'base' / 'model'}", f"rl.sft_model={run / 'sft' / 'model'}",
                 f"rl.init_lora={run / 'rl_fr' / 'lora'}", f"rl.iterations={args.iterations}", "rl.probe_every=0",
-                "rl.save_every=0", f"reward.compass={run / 'compass' / 'model'}", f"reward.compass_variant={variant}"])
+                "rl.save_every=0", f"reward.compass={run / 'compass' / 'model'}",
+                *([f"reward.compass_variant={variant}"] if variant != "null" else
+                  ["reward.name=custom", "reward.custom=benchmarks.compass_variants:shuffled_compass"])])
             if not (work / name / "merged").exists():
                 rc = rl_stage.run(job)
                 if rc:
