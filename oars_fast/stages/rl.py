@@ -575,8 +575,8 @@ class RLStage(TrainingLoop):
     def summary(self) -> str:
         job = self.job
         return (f"rl ({job.rl.mode}, {job.rl.objective}, reward {self.reward_fn.name}): {self.step} iterations; "
-                f"held-out mean {self.eval_reward_fn.name} reward {self.eval_before:.4f} -> {self.eval_after:.4f}; LoRA in "
-                f"{self.run_dir / 'lora'}")
+                f"held-out mean {self.eval_reward_fn.name} reward {self.eval_before:.4f} -> {self.eval_after:.4f}; "
+                f"LoRA in {self.run_dir / 'lora'}")
 
 
 def run(job: RLJob) -> int:
