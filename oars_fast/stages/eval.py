@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import hashlib
 import importlib
 import json
@@ -269,7 +270,10 @@ class _Producer:
         if self.spec.kind == "sr_folder":
             self.matched = match_by_stem([it.name for it in items], self.files, sr=True)
 
+    @functools.cached_property
     def _settings(self) -> dict:
+        """What a cached output depends on besides its LR (computed once: the model folder is not re-exported during
+        an eval run)."""
         j = self.job
         out = {"source": self.spec.source, "seed": j.run.seed, "sampler": dataclasses.asdict(j.sampler),
                "dtype": j.model.dtype, "condition": j.model.condition,
@@ -332,7 +336,7 @@ class _Producer:
             return sr, path, ""
         # a model: reuse the cached output when the LR, the model and the sampler settings are the same
         path = self.dir / f"{item.name}.png"
-        key = {"lr": _sha1(lr), **self._settings()}
+        key = {"lr": _sha1(lr), **self._settings}
         if self.cache.get(item.name) == key and path.is_file():
             try:
                 sr = load_image(path)
