@@ -8,6 +8,7 @@
 #   --cpu-smoke  every step at tiny sizes on the CPU, nothing installed (tests/test_gpu_measure.py runs it)
 #   --plan       print the set-up reserve and the steps' budgets (they sum to 420 s), run nothing
 #   GPU_MEASURE_SKIP="step ..."  steps to leave out (e.g. "rl_iteration")
+#   GPU_MEASURE_BUDGETS="step=seconds ..."  other step budgets (a rerun of the steps that failed or ran out)
 #   PYTHON       the interpreter (default python3)
 #
 # Runs from the repo root on a machine with PyTorch, Triton, transformers and peft and no network: diffusers (and
@@ -160,6 +161,7 @@ SUMMARY=()
 FAILED=0
 for spec in "${STEPS[@]}"; do
   read -r name budget minimum <<< "$spec"
+  for kv in ${GPU_MEASURE_BUDGETS:-}; do [ "${kv%%=*}" = "$name" ] && budget=${kv#*=}; done
   if [[ " ${GPU_MEASURE_SKIP:-} " == *" $name "* ]]; then
     SUMMARY+=("$(printf '%-13s %-8s %5s' "$name" skipped -) (GPU_MEASURE_SKIP)")
     continue

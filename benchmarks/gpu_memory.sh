@@ -12,7 +12,8 @@
 #                         bf16: prefix reuse vs per pair (outputs compared first), weights, peak above them
 #                                                                                        -> compass_scoring.csv
 #   cuda_tests      60 s  the tests that only run on CUDA: the text-encoder offload, fp8 GEMMs  -> cuda_tests.log
-# Everything printed goes to memory.log.
+# Everything printed goes to memory.log. GPU_MEMORY_SKIP="memory_plan compass ..." leaves steps out (a rerun of the
+# ones that failed: a step's files are rewritten only when it runs).
 set -uo pipefail
 SMOKE=0
 OUT_ARG=""
@@ -40,6 +41,10 @@ status=0
 run_step() {  # name, seconds, command... (its output to memory.log; CUDA_TESTS_LOG=file: also there)
   local name=$1 t=$2 s0=$SECONDS rc
   shift 2
+  if [[ " ${GPU_MEMORY_SKIP:-} " == *" ${name%_*} "* || " ${GPU_MEMORY_SKIP:-} " == *" $name "* ]]; then
+    echo "== $name: skipped (GPU_MEMORY_SKIP)" | tee -a "$LOG"
+    return
+  fi
   echo "== $name (${t}s)" | tee -a "$LOG"
   timeout -k 5 "$t" "$@" 2>&1 | tee -a "$LOG" ${CUDA_TESTS_LOG:+"$CUDA_TESTS_LOG"} > /dev/null
   rc=${PIPESTATUS[0]}

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from oars_fast import kernels
-from oars_fast.config import RLJob, load_config
+from oars_fast.config import ConfigError, RLJob, load_config
 from oars_fast.stages.rl import RLStage
 
 from .harness import RESULTS, device_name, git_sha, write_rows
@@ -76,27 +76,21 @@ def main(argv=None) -> None:
         common += [f"model.tiny={width}", f"data.crop_size={args.crop}", f"data.demo_patch={max(128, args.crop)}",
                    f"rl.group_size={args.k}", f"rl.inputs_per_iter={args.inputs}", "model.dtype=bf16",
                    "rl.micro_batch=8", "model.gradient_checkpointing=true"]
-    rows, warm = [], {}
+    rows, warm, failed = [], {}, []
     providers = [("ours", True, "none")] + ([("ours_fp8", True, "rollout_ref")] if args.fp8 else []) + \
         [("reference", False, "none")]
     for provider, fused, fp8 in providers:
         job = load_config(RLJob, None, common + [f"run.name={provider}", f"lora.kernel={'triton' if fused else 'peft'}",
                                                  f"rl.iterations={args.iters + 1}", f"rl.fp8_nograd={fp8}"])
-        with kernels.backend("auto" if fused else "torch"):
-            st = RLStage(job).setup()
-            warm[provider] = st.train_iteration()  # warm-up (autotuning, allocator, cuDNN); checked below
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            stats = []
-            for _ in range(args.iters):
-                t0 = time.perf_counter()
-                s = st.train_iteration()
-                if cuda:
-                    torch.cuda.synchronize()
-                s["iter_s"] = time.perf_counter() - t0
-                stats.append(s)
-            st.cleanup()
+        try:
+            stats = _run_provider(job, fused, args.iters, cuda, warm, provider)
+        except (ConfigError, RuntimeError) as e:  # one provider's failure (e.g. fp8 here) is a row, not the end
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            print(f"rl_iteration {provider}: failed: {why}")
+            failed.append(provider)
+            rows.append({"device": device_name(), "git_sha": git_sha(), "torch": torch.__version__,
+                         "kernel": "rl_iteration", "provider": provider, "mode": "iteration", "note": f"failed: {why}"})
+            continue
         peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan")
         med = {k: sorted(x[k] for x in stats)[len(stats) // 2] for k in ("iter_s", "rollout_s", "reward_s", "train_s")}
         print(f"rl_iteration {provider:9s} iter {med['iter_s'] * 1e3:9.1f} ms  rollout {med['rollout_s'] * 1e3:9.1f} "
@@ -108,9 +102,9 @@ def main(argv=None) -> None:
                      "note": "smoke" if args.smoke else f"rollout {med['rollout_s'] * 1e3:.1f} ms; reward "
                      f"{med['reward_s'] * 1e3:.1f} ms; update {med['train_s'] * 1e3:.1f} ms",
                      "peak_mb": f"{peak:.0f}"})
-    ok, notes = True, {}
+    ok, notes = not failed, {}
     for provider in warm:
-        if provider != "reference":
+        if provider != "reference" and "reference" in warm:
             good, agreement = check_agreement(warm[provider], warm["reference"])
             ok &= good
             notes[provider] = f"{'agree' if good else 'MISMATCH'}: {agreement}"
@@ -118,8 +112,33 @@ def main(argv=None) -> None:
     for r in rows:
         r["note"] = f"{r['note']}; {notes.get(r['provider'], 'the reference')}"
     write_rows(rows, args.out / "rl_iteration.csv")
+    if failed:
+        raise SystemExit(f"rl_iteration: {', '.join(failed)} failed (see above)")
     if not ok:
         raise SystemExit("rl_iteration: ours and the reference loop disagree (see above); the timings are not results")
+
+
+def _run_provider(job: RLJob, fused: bool, iters: int, cuda: bool, warm: dict, provider: str) -> list[dict]:
+    """Set up one provider's RL stage, one warm-up iteration (its stats into `warm`: the agreement check), then
+    `iters` timed ones -> their stats."""
+    with kernels.backend("auto" if fused else "torch"):
+        st = RLStage(job).setup()
+        try:
+            warm[provider] = st.train_iteration()  # warm-up (autotuning, allocator, cuDNN); checked in main
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            stats = []
+            for _ in range(iters):
+                t0 = time.perf_counter()
+                s = st.train_iteration()
+                if cuda:
+                    torch.cuda.synchronize()
+                s["iter_s"] = time.perf_counter() - t0
+                stats.append(s)
+        finally:
+            st.cleanup()
+    return stats
 
 
 def check_agreement(ours: dict, ref: dict, tol: dict | None = None) -> tuple[bool, str]:

@@ -62,9 +62,11 @@ def _pad_to(n: int) -> int:
 
 
 def quantize_rows(x: torch.Tensor, cols: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row-wise e4m3 quantisation of a 2-D tensor: (codes (M, cols) fp8, scales (M, 1) float32) with
-    ``x ~ codes.float() * scales``; `cols` >= K pads each row with zeros (default: K itself)."""
-    xf = x.float()
+    """Row-wise e4m3 quantisation of a 2-D tensor: (codes (M, cols) fp8 row-major, scales (M, 1) float32) with
+    ``x ~ codes.float() * scales``; `cols` >= K pads each row with zeros (default: K itself). The codes are
+    row-major whatever `x`'s strides (cuBLASLt's fp8 GEMM takes a row-major A only: a transposed activation
+    kept its column-major strides through the elementwise ops and failed on the H200)."""
+    xf = x.float().contiguous()
     if cols is not None and cols > xf.shape[1]:
         xf = F.pad(xf, (0, cols - xf.shape[1]))
     scale = (xf.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp_min(_TINY)
