@@ -33,10 +33,12 @@ policy update) is bit-identical with or without the option. The LoRA branch is n
 forward adds it to ``base_layer(x)``; the fused LoRA layers (``lora.kernel`` triton / addmm) add
 ``scale * B(A(x))`` in the compute dtype to the fp8 base GEMM (:mod:`.lora`).
 
-Support: torch._scaled_mm with row-wise scales runs on the CPU build and on CUDA sm_89+ (Ada, Hopper,
-Blackwell). :func:`check_support` runs a tiny row-wise GEMM on the run's device and dtype at setup and raises
-a :class:`~oars_fast.config.ConfigError` that names the device and the reason when it cannot run: the option
-is explicit, so it fails at setup instead of silently falling back to the high-precision GEMM.
+Support: torch._scaled_mm with row-wise scales runs on CUDA sm_89+ (Ada, Hopper, Blackwell; tested on an H200)
+and on the CPU build of torch 2.13 (2.11's CPU build takes per-tensor scales only). :func:`check_support` runs
+a tiny row-wise GEMM on the run's device and dtype at setup and raises a :class:`~oars_fast.config.ConfigError`
+that names the device and the reason when it cannot run: the option is explicit, so it fails at setup instead
+of silently falling back to the high-precision GEMM. Speed: on an H200 it made the rollout slower (the eager
+activation quantisation costs more than the fp8 GEMM saves; README).
 """
 from __future__ import annotations
 
