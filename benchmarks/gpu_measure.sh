@@ -23,9 +23,9 @@
 #   info          15 / 5    versions, card                                              -> gpu.txt
 #   ceilings      40 / 20   copy GB/s, bf16 GEMM 8192^3, F.linear 16384x3072x3072 (+bias),
 #                           SDPA at the RL update shape (each checked vs fp32 first)     -> ceilings.csv
-#   kernel_tests  95 / 30   LoRA on a tensor over 2^31 elements first (its own 45 s), then the LoRA
-#                           tests of tests/test_kernels.py and tests/test_lora.py on the GPU (bf16/fp16/fp32
-#                           vs float64, peft agreement), then the other kernel tests if time remains; without
+#   kernel_tests  95 / 30   LoRA on a tensor over 2^31 elements first (its own 45 s), then the NFT, COMPASS
+#                           and group-advantage kernel tests, then the LoRA tests of tests/test_kernels.py and
+#                           tests/test_lora.py (bf16/fp16/fp32 vs float64, peft agreement) if 15 s remain; without
 #                           pytest: gpu_steps lora-check (the same comparisons, int64 included)  -> kernels_tests.log
 #   lora_linear   70 / 30   benchmarks.bench_lora_linear: M = 16384, 49152; base (cuBLAS alone) / ours / addmm /
 #                           peft (fp32 adapters under autocast) / u alone; fwd and fwd+bwd -> lora_linear.csv
@@ -116,16 +116,18 @@ step_kernel_tests() {
   elif "$PYTHON" -c "import pytest" 2>/dev/null; then
     local t64=$(( t - 15 < 45 ? t - 15 : 45 ))  # 45 s, less when the step was clipped to its minimum
     timeout -s INT "$t64" "${pt[@]}" tests/test_kernels.py -k int64 2>&1 | tee -a "$f" || rc=1
+    # the NFT, COMPASS and group-advantage kernels next (never run on a GPU before 2026-11-27's H200 run ran
+    # out of time for them), then the LoRA tests (67 of 73 passed there; they take ~150 s)
     left=$((t - (SECONDS - s0) - KILL_GRACE - 2))
     [ "$left" -ge 5 ] || left=5
-    # (test_lora_sft_adapter_... trains on the demo photos: scikit-image, not on these machines)
-    timeout -s INT "$left" "${pt[@]}" tests/test_kernels.py tests/test_lora.py \
-      -k "lora and not int64 and not sft_adapter" 2>&1 | tee -a "$f" || rc=1
+    timeout -s INT "$left" "${pt[@]}" tests/test_kernels.py -k "not lora" 2>&1 | tee -a "$f" || rc=1
     left=$((t - (SECONDS - s0) - KILL_GRACE - 2))
     if [ "$left" -ge 15 ]; then
-      timeout -s INT "$left" "${pt[@]}" tests/test_kernels.py -k "not lora" 2>&1 | tee -a "$f" || rc=1
+      # (test_lora_sft_adapter_... trains on the demo photos: scikit-image, not on these machines)
+      timeout -s INT "$left" "${pt[@]}" tests/test_kernels.py tests/test_lora.py \
+        -k "lora and not int64 and not sft_adapter" 2>&1 | tee -a "$f" || rc=1
     else
-      echo "the other kernel tests (nft, compass, group advantages): skipped, ${left}s left" | tee -a "$f"
+      echo "the LoRA tests: skipped, ${left}s left" | tee -a "$f"
     fi
   else
     echo "pytest is not installed here (add its wheels to .whl/, benchmarks/GPU.md): lora-check instead" | tee -a "$f"

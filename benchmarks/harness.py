@@ -6,7 +6,11 @@ op), ``eager`` (the pure-torch reference, or the library layer it replaces) and 
 Modes: ``fwd``, ``bwd`` (backward of a retained graph) and ``full`` (forward + backward).
 
 Timing: on a GPU ``triton.testing.do_bench`` (median with p20/p80, L2 flushed between runs); on the
-CPU a wall-clock fallback (warm-up, then median/p20/p80 of repeated calls). Peak memory is the
+CPU a wall-clock fallback (warm-up, then median/p20/p80 of repeated calls). do_bench's events time
+max(host, device): a call whose Python and launches take longer than its kernels reads as host time (the
+H200 run showed it: the NFT loss at 24x16x128x128 and the LoRA backward at M = 16384). So on a GPU each row's
+note also gives ``device_ms`` (the kernels' own time per call, summed from torch.profiler) and ``host_ms``
+(the wall time per call to enqueue it, no synchronisation inside the loop). Peak memory is the
 CUDA peak above the inputs (on the CPU: not measured, written as empty). Rows are appended to
 ``benchmarks/results/<kernel>.csv`` (or ``--out``) with the device name, git sha, torch and
 triton versions, the shape, provider, mode, ms, GB/s or TFLOP/s, and peak MB.
@@ -99,6 +103,33 @@ def time_fn(fn: Callable[[], object], grad_to_none: list[torch.Tensor] | None = 
     return statistics.median(times), qs[1], qs[7]
 
 
+def device_and_host_ms(fn: Callable[[], object], grad_to_none: list[torch.Tensor] | None = None,
+                       reps: int = 20) -> tuple[float, float]:
+    """(device ms, host ms) per call on CUDA: the summed time of the kernels (and copies) torch.profiler records
+    over `reps` calls, and the wall time to issue one call (the loop not synchronised inside, the GPU drained
+    before it)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        for t in grad_to_none or []:
+            t.grad = None
+        fn()
+    host = (time.perf_counter() - t0) * 1e3 / reps
+    _sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            for t in grad_to_none or []:
+                t.grad = None
+            fn()
+        _sync()
+    cuda = torch.autograd.DeviceType.CUDA
+    total_us = sum(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+                   for e in prof.key_averages() if e.device_type == cuda)
+    return total_us / reps / 1e3, host
+
+
 def _mode_fn(fn: Callable, inputs: tuple, mode: str, grads: list[torch.Tensor]) -> Callable[[], object]:
     if mode == "fwd":
         return lambda: fn(*inputs)
@@ -135,16 +166,23 @@ def run_case(case: Case, out_dir: Path = RESULTS, note: str = "", reps: int = 10
                 _sync()
                 peak = f"{(torch.cuda.max_memory_allocated() - base) / 2**20:.1f}"
             ms, p20, p80 = time_fn(call, grads, reps=reps)
+            row_note = meta["note"]
+            if torch.cuda.is_available():
+                try:
+                    dev_ms, host_ms = device_and_host_ms(call, grads)
+                    row_note = "; ".join(x for x in (row_note, f"device_ms={dev_ms:.4f}; host_ms={host_ms:.4f}") if x)
+                except Exception as e:  # the timing above stands; say why the split is missing
+                    row_note = "; ".join(x for x in (row_note, f"device/host split failed: {type(e).__name__}") if x)
             nbytes, nflops = case.bytes.get(mode), case.flops.get(mode)
             rows.append({**meta, "provider": name, "mode": mode, "ms": f"{ms:.4f}", "p20_ms": f"{p20:.4f}",
                          "p80_ms": f"{p80:.4f}", "gbps": f"{nbytes / ms / 1e6:.1f}" if nbytes else "",
-                         "tflops": f"{nflops / ms / 1e9:.2f}" if nflops else "", "peak_mb": peak})
+                         "tflops": f"{nflops / ms / 1e9:.2f}" if nflops else "", "peak_mb": peak, "note": row_note})
         del inputs
     write_rows(rows, out_dir / f"{case.kernel}.csv")
     for r in rows:
         print(f"{r['kernel']:>12s} {r['shape']:<48s} {r['provider']:>8s} {r['mode']:>4s} {float(r['ms']):9.4f} ms "
               f"[{r['p20_ms']}, {r['p80_ms']}]  {r['gbps'] and r['gbps'] + ' GB/s'}"
-              f"{r['tflops'] and r['tflops'] + ' TFLOP/s'}  peak {r['peak_mb'] or '-'} MB")
+              f"{r['tflops'] and r['tflops'] + ' TFLOP/s'}  peak {r['peak_mb'] or '-'} MB  {r['note']}")
     return rows
 
 
