@@ -97,3 +97,28 @@ def test_a_run_killed_midway_rescores_nothing_already_cached(ladder, tmp_path):
     assert cached > 0 and resumed_new == full - cached  # the resumed run computed only what was missing
     a = (tmp_path / "a" / "manifest.jsonl").read_text()
     assert a == (tmp_path / "b" / "manifest.jsonl").read_text().replace(str(tmp_path / "b"), str(tmp_path / "a"))
+
+
+def test_psnr_fidelity_sees_colour_and_brightness_shifts_that_ssim_misses(ladder, tmp_path):
+    """annotate.fidelity=psnr (the colour-aware classical stand-in): sharp copies of the ground truth that are
+    recoloured or brightened get a lower F than a mildly blurred one; luminance SSIM ranks the recoloured one above
+    it (0.99 vs 0.83 after the normalisation)."""
+    from oars_fast.data.images import load_image
+    from oars_fast.stages.pipeline import unfaithful_edit
+
+    sr_root = tmp_path / "sr"
+    for gt_path in sorted((ladder / "gt").iterdir()):
+        hr = load_image(gt_path)[None]
+        save_image(_degrade(hr[0], 0.6, torch.Generator().manual_seed(0)), sr_root / "blur" / gt_path.name)
+        for method in ("color0.2", "bright0.1"):
+            save_image(unfaithful_edit(hr, method)[0], sr_root / method / gt_path.name)
+    means = {}
+    for fid in ("ssim", "psnr"):
+        out = tmp_path / fid
+        args = [a for a in _args(ladder, out) if not a.startswith(("annotate.sr_root", "annotate.fidelity"))]
+        assert main([*args, f"annotate.sr_root={sr_root}", f"annotate.fidelity={fid}",
+                     "annotate.trim_fraction=0"]) == 0
+        rows = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+        means[fid] = {m: np.mean([r["f"] for r in rows if r["method"] == m]) for m in ("blur", "color0.2", "bright0.1")}
+    assert means["ssim"]["color0.2"] > means["ssim"]["blur"]
+    assert means["psnr"]["color0.2"] < means["psnr"]["blur"] and means["psnr"]["bright0.1"] < means["psnr"]["blur"]

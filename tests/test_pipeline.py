@@ -93,3 +93,25 @@ def test_production_pipeline_prints_one_launch_per_stage(tmp_path):
     assert len(pipe.commands("x.yaml")) == len(lines) - 1  # a finished stage is not launched again
     with pytest.raises(ConfigError, match="only the demo"):
         load_config(PipelineJob, "configs/qwen_image_edit/pipeline.yaml", ["pipeline.stages=[base, sft]"])
+
+
+def test_unfaithful_edits_are_sharp_copies_that_are_not_the_input():
+    """The annotation set's fidelity negatives: the ground truth moved, recoloured or brightened, nothing blurred."""
+    import torch
+
+    from oars_fast.errors import UserError
+    from oars_fast.stages.pipeline import unfaithful_edit
+
+    hr = torch.rand(2, 3, 20, 17, generator=torch.Generator().manual_seed(0))
+    moved = unfaithful_edit(hr, "shift3")
+    assert moved.shape == hr.shape and torch.equal(moved[..., 3:, 3:], hr[..., :-3, :-3])
+    assert torch.equal(moved[..., :3, 3:], hr[..., 1:4, :-3].flip(-2))  # reflected in at the top edge: no seam
+    gain = unfaithful_edit(hr, "color0.2") / hr.clamp_min(1e-6)
+    assert torch.allclose(gain[:, 1], torch.ones(2, 20, 17))
+    assert torch.allclose(gain[:, 0][hr[:, 0] < 0.8], torch.tensor(1.2))  # (red above 1/1.2 saturates)
+    assert torch.allclose(gain[:, 2], torch.tensor(0.8))
+    bright = unfaithful_edit(hr, "bright0.1")
+    assert torch.allclose(bright, (hr + 0.1).clamp(0, 1)) and bright.max() <= 1
+    for bad in ("shiftx", "shift0", "shift17", "sharpen2"):
+        with pytest.raises(UserError, match="pipeline.methods"):
+            unfaithful_edit(hr, bad)

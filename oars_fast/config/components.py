@@ -513,8 +513,9 @@ class AnnotateConfig(Section):
     sr_root: str = doc("", "SR outputs: <sr_root>/<method>/<stem>.<ext>, two or more methods per LR")
     gt_dir: str | None = doc(None, "ground truth of the synthetic subset, matched by stem (real LQ groups: none)")
     output: str = doc("", "manifest folder (default: the run folder)")
-    fidelity: Literal["dists", "ssim"] = doc("dists", "F_raw = 1 - DISTS(SR, GT), or SSIM (the classical stand-in "
-                                            "where the DISTS weights are absent)")
+    fidelity: Literal["dists", "ssim", "psnr"] = doc(
+        "dists", "F_raw = 1 - DISTS(SR, GT) (the paper's), or a classical stand-in where the DISTS weights are absent: "
+        "ssim (luminance SSIM: blind to colour and brightness shifts) or psnr (PSNR over RGB, capped at 60 dB)")
     fidelity_percentiles: list[float] = doc(None, "F = clip((F_raw - lo) / (hi - lo), 0, 1), lo/hi these percentiles "
                                             "of F_raw over the synthetic subset", factory=lambda: [1.0, 99.0])
     dists_vgg: str | None = doc(None, "fidelity=dists: VGG16 weights in torchvision's layout")

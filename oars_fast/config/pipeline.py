@@ -35,7 +35,8 @@ class PipelineConfig(Section):
     base_model: str | None = doc(None, "the pretrained base (e.g. Qwen/Qwen-Image-Edit-2509); null: the demo's "
                                  "stand-in base built by the `base` stage")
     methods: list[str] = doc(None, "demo annotation set: the SR methods written for each group (bicubic, base, "
-                             "sft_early, sft_<N>steps, blur<s>, noise<s>)",
+                             "sft_early, sft_<N>steps, blur<s>, noise<s>; the fidelity negatives shift<px>, "
+                             "color<g>, bright<b>: sharp edits of the ground truth that are not the input's)",
                              factory=lambda: ["bicubic", "base", "sft_early", "sft_2steps", "sft_8steps", "blur1.0",
                                               "noise0.03"])
     method_groups: int = doc(24, "demo annotation set: groups (training patches) per method")

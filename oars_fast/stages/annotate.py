@@ -4,8 +4,9 @@ Input layout: ``annotate.lr_dir/<stem>.<ext>`` (one LR input per group), ``annot
 (the outputs of M SR methods for each LR; a group needs at least two), optional ``annotate.gt_dir/<stem>.<ext>``
 (ground truth: the synthetic subset). Per group:
 
-* fidelity (synthetic groups only): ``F = 1 - DISTS(SR, GT)`` (``annotate.fidelity=ssim``: SSIM, the classical
-  stand-in where the DISTS weights are absent), then normalised to [0, 1] over the synthetic subset:
+* fidelity (synthetic groups only): ``F = 1 - DISTS(SR, GT)`` (classical stand-ins where the DISTS weights are
+  absent: ``annotate.fidelity=ssim``, SSIM on luminance, blind to colour and brightness shifts; ``psnr``,
+  PSNR over RGB capped at 60 dB, which sees them), then normalised to [0, 1] over the synthetic subset:
   ``F = clip((F_raw - lo) / (hi - lo), 0, 1)`` with lo, hi the ``fidelity_percentiles`` (1st and 99th) of
   F_raw over every synthetic pair (written to ``summary.json``); real LQ groups have no F;
 * stage 1, global anchors: a :class:`~oars_fast.annotation.GlobalScorer` scores the LR (bicubic-upsampled to
@@ -55,12 +56,14 @@ from ..annotation import (
 from ..config import AnnotateJob, save_config
 from ..data.images import load_image, scan_images
 from ..errors import MissingFileError, UserError
+from ..evaluation.metrics import psnr
 from ..rewards.classical import ssim
 from ..rewards.dists import DISTS
 from ..runtime.device import select_device
 from ..runtime.faults import maybe_fail
 
 log = logging.getLogger(__name__)
+PSNR_CAP = 60.0  # annotate.fidelity=psnr: dB; identical 8-bit images give +inf
 
 
 def find_groups(lr_dir: str | Path, sr_root: str | Path, gt_dir: str | Path | None) -> list[dict]:
@@ -97,16 +100,21 @@ class Annotator:
         self.comparator = MLLMPairwiseComparator(chat) if cfg.comparator == "mllm" else ClassicalPairwiseComparator()
         if cfg.fidelity == "dists" and not (cfg.dists_vgg and cfg.dists_weights):
             raise MissingFileError("annotate.fidelity=dists needs annotate.dists_vgg and annotate.dists_weights "
-                                   "(or annotate.fidelity=ssim, the classical stand-in)")
+                                   "(or annotate.fidelity=ssim / psnr, the classical stand-ins)")
         self.dists = DISTS(cfg.dists_vgg, cfg.dists_weights).to(device) if cfg.fidelity == "dists" else None
-        self.fidelity_name = "dists" if self.dists is not None else "ssim"
+        self.fidelity_name = cfg.fidelity
 
     def fidelity_raw(self, sr: torch.Tensor, gt: torch.Tensor) -> float:
-        """F_raw = 1 - DISTS(SR, GT) (or SSIM), before the normalisation over the synthetic subset."""
+        """F_raw = 1 - DISTS(SR, GT) (or SSIM, or PSNR-RGB in dB capped at 60), before the normalisation over
+        the synthetic subset."""
         def compute():
             with torch.no_grad():
                 a, b = sr[None].to(self.device), gt[None].to(self.device)
-                return float(1 - self.dists(a, b)[0]) if self.dists is not None else float(ssim(a, b)[0])
+                if self.dists is not None:
+                    return float(1 - self.dists(a, b)[0])
+                if self.fidelity_name == "psnr":
+                    return min(float(psnr(a.cpu(), b.cpu())[0]), PSNR_CAP)  # identical 8-bit images: +inf -> cap
+                return float(ssim(a, b)[0])
 
         return self.cache.get_or_compute((f"fidelity_{self.fidelity_name}", sr, gt), compute)
 

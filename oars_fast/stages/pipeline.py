@@ -10,7 +10,9 @@ Stages (``pipeline.stages``), each reading ``<pipeline.configs>/<stage>.yaml`` a
 3. ``sft``       cold-start SFT of the base -> ``sft/model``;
 4. ``methods``   demo only: the annotation set, ``methods/{lr,gt,sr/<method>}``: training patches degraded to LR
                  and super-resolved by several methods (bicubic, the base, an early SFT checkpoint, the SFT model at
-                 several sampler step counts, degraded copies of the ground truth);
+                 several sampler step counts, degraded copies of the ground truth, and sharp but unfaithful edits
+                 of it: shifted by a few pixels, colour- or brightness-shifted, which give COMPASS's fidelity head
+                 examples of high quality with low fidelity);
 5. ``annotate``  the COMPASS three-stage annotation -> ``annotate/manifest.jsonl``;
 6. ``compass``   COMPASS training -> ``compass/model``;
 7. ``rl_fr``     full-reference RL of a LoRA on the base -> ``rl_fr/lora`` (+ merged into the SFT model);
@@ -254,6 +256,8 @@ class Pipeline:
             elif method.startswith("noise"):
                 g = torch.Generator().manual_seed(METHOD_SEED)
                 sr = (hr + float(method[5:]) * torch.randn(hr.shape, generator=g)).clamp(0, 1)
+            elif method.startswith(("shift", "color", "bright")):
+                sr = unfaithful_edit(hr, method)
             elif method in ("base", "sft_early") or method.startswith("sft_"):
                 folder = self.base if method in ("base", "sft_early") else str(self.path("sft", "model"))
                 key = (folder, method == "sft_early")
@@ -263,7 +267,7 @@ class Pipeline:
                 sr = sample_sr(models[key], lr, job.sampler, seeds=seeds, steps=steps)
             else:
                 raise UserError(f"pipeline.methods: unknown method {method!r} (bicubic, base, sft_early, "
-                                f"sft_<N>steps, blur<sigma>, noise<std>)")
+                                f"sft_<N>steps, blur<sigma>, noise<std>, shift<px>, color<gain>, bright<offset>)")
             for n, s in zip(names, sr):
                 save_image(s, out / "sr" / method / f"{n}.png")
         log.info("annotation set: %d groups x %d methods in %s", len(files), len(self.cfg.methods), out)
@@ -277,6 +281,32 @@ class Pipeline:
                                 "weights (sft.save_every; under DeepSpeed also deepspeed.consolidate_every)")
             model.transformer.load_state_dict(load_file(str(ckpts[0])), strict=False)
         return model
+
+
+def unfaithful_edit(hr: torch.Tensor, method: str) -> torch.Tensor:
+    """A sharp, clean image that is not the input's (the annotation set's fidelity negatives), (B, 3, H, W) in
+    [0, 1]: ``shift<px>`` moves the content px pixels right and down (reflected in at the edges: no seam);
+    ``color<g>`` scales red by 1 + g and blue by 1 - g; ``bright<b>`` adds b to every channel."""
+    for prefix in ("shift", "color", "bright"):
+        if method.startswith(prefix):
+            try:
+                amount = float(method[len(prefix):])
+            except ValueError:
+                raise UserError(f"pipeline.methods: {method!r} needs a number after {prefix!r} "
+                                f"(e.g. {prefix}{'2' if prefix == 'shift' else '0.1'})") from None
+            break
+    else:
+        raise UserError(f"pipeline.methods: {method!r} is not an unfaithful edit (shift<px>, color<g>, bright<b>)")
+    if prefix == "shift":
+        px = int(amount)
+        if not 0 < px < min(hr.shape[-2:]):
+            raise UserError(f"pipeline.methods: {method!r}: the shift must be 1 .. {min(hr.shape[-2:]) - 1} pixels")
+        h, w = hr.shape[-2:]
+        return F.pad(hr, (px, 0, px, 0), mode="reflect")[..., :h, :w]
+    if prefix == "color":
+        gain = torch.tensor([1 + amount, 1.0, 1 - amount], dtype=hr.dtype).view(1, 3, 1, 1)
+        return (hr * gain).clamp(0, 1)
+    return (hr + amount).clamp(0, 1)
 
 
 def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
