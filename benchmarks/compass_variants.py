@@ -9,7 +9,7 @@ the input falls. The variant ``null`` is a control: the full COMPASS score permu
 where it exceeds the null's. Needs a finished demo run (`make demo`: base, sft, rl_fr, compass, heldout). The
 NR-RL settings are those of ``configs/demo/rl_nr.yaml``.
 
-    python -m benchmarks.compass_variants [--run runs/demo] [--iterations 100] [--seeds 0 1] \
+    python -m benchmarks.compass_variants [--run runs/demo] [--iterations 100] [--seeds 0 1 2 3] \
         [--variants full dq_only null]
 
 Writes benchmarks/results/compass_variants.csv (one row per model) and prints mean +- std per variant, and the
@@ -67,7 +67,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, default=Path("runs/demo"))
     ap.add_argument("--iterations", type=int, default=100)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     ap.add_argument("--variants", nargs="+", default=["full", "dq_only", "null"],
                     choices=["full", "dq_only", "no_fidelity", "null"])
     ap.add_argument("--out", type=Path, default=RESULTS)

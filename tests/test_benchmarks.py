@@ -64,3 +64,30 @@ def test_memory_plan_and_the_second_gpu_script_run(tmp_path):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "gm").iterdir()) == [
         "compass_scoring.csv", "cuda_tests.log", "memory.log", "memory_plan.csv"]
+
+
+def test_compass_edits_scores_every_candidate(tmp_path, capsys):
+    """benchmarks.compass_edits on a random tiny COMPASS and two held-out patches: one row per candidate, the
+    fidelity edits' LR consistency below the ground truth's (they are not the input's)."""
+    import csv
+
+    import torch
+
+    from benchmarks import compass_edits
+    from oars_fast.data.images import save_image
+    from oars_fast.rewards.compass import CompassModel
+
+    run = tmp_path / "run"
+    CompassModel.tiny("qwen3vl").save_pretrained(run / "compass" / "model")
+    g = torch.Generator().manual_seed(0)
+    for i in range(2):
+        hr = torch.nn.functional.avg_pool2d(torch.rand(1, 3, 64, 64, generator=g), 3, 1, 1)[0]
+        save_image(hr, run / "heldout" / "hr" / f"p{i}.png")
+        save_image(torch.nn.functional.avg_pool2d(hr[None], 4)[0], run / "heldout" / "lr" / f"p{i}.png")
+    compass_edits.main(["--run", str(run), "--out", str(tmp_path)])
+    rows = {r["candidate"]: r for r in csv.DictReader(open(tmp_path / "compass_edits.csv"))}
+    assert list(rows) == ["gt", "bicubic", "blur1.0", "noise0.03", *compass_edits.EDITS]
+    assert all(r["n"] == "2" and 0 <= float(r["f_below_gt"]) <= 1 for r in rows.values())
+    for edit in compass_edits.EDITS:
+        assert float(rows[edit]["lr_consistency"]) < float(rows["gt"]["lr_consistency"]), edit
+    assert "f<gt" in capsys.readouterr().out

@@ -539,6 +539,7 @@ def _summary_png(plt, path: Path, page: Page, tradeoff, first_row, curves: list[
                      loc="center")
         t.auto_set_font_size(False)
         t.set_fontsize(9)
+        t.auto_set_column_width(list(range(-1, len(cols))))  # headers like "COMPASS R ↑" fit their column
         t.scale(1, 1.4)
         ax.set_title("eval means", fontsize=10)
     else:
