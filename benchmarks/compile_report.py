@@ -176,6 +176,7 @@ def _lora_variants() -> list[Variant]:
 def _other_variants() -> list[Variant]:
     nft = importlib.import_module("oars_fast.kernels.nft_loss")
     rw = importlib.import_module("oars_fast.kernels.rewards")
+    q8 = importlib.import_module("oars_fast.kernels.fp8_quant")
     d = 16 * 128 * 128
     chunk, n_chunks = nft._grid(d)
     fixed = [("launch", None)]
@@ -198,6 +199,11 @@ def _other_variants() -> list[Variant]:
         Variant("group_adv", rw._group_adv_kernel, fixed, one, lambda dt, c: dict(
             rew_ptr=Ptr("x"), r_ptr=Ptr("fp32"), keep_ptr=Ptr("i8"), n_groups=16, group_size=24, n=384, clip=5.0,
             eps=1e-4, filter_mean=0.9, filter_std=0.05, GLOBAL_STD=True, BLOCK_G=Const(16), BLOCK_S=Const(32))),
+        # rl.fp8_nograd's activations: a row of the MLP's 12288-wide hidden layer, 8 warps (the launcher's choice)
+        Variant("fp8_quant", q8._quantize_rows_kernel, fixed, one, lambda dt, c: dict(
+            x=Ptr("x"), codes=Ptr("fp8e4nv"), scales=Ptr("fp32"), K=12288, COLS=12288, sxm=12288, sxk=1, scm=12288,
+            FP8_MAX=Const(q8.FP8_MAX), TINY=Const(q8._TINY), BLOCK=Const(2048)),
+            options=lambda cfg: {"num_warps": 8, "num_stages": 3}),
     ]
     return v
 

@@ -29,9 +29,9 @@
 #                           pytest: gpu_steps lora-check (the same comparisons, int64 included)  -> kernels_tests.log
 #   lora_linear   70 / 30   benchmarks.bench_lora_linear: M = 16384, 49152; base (cuBLAS alone) / ours / addmm /
 #                           peft (fp32 adapters under autocast) / u alone; fwd and fwd+bwd -> lora_linear.csv
-#   nft           40 / 15   NFT loss bf16 vs float64 (sanity row first), then ours / eager / compile
+#   nft           50 / 15   NFT loss bf16 vs float64 (sanity row first), then ours / eager / compile
 #                           at 24x16x128x128                                             -> nft.csv
-#   profile       60 / 30   2-layer full-width transformer + LoRA fwd+bwd: triton vs peft agreement, TFLOP/s
+#   profile       50 / 30   2-layer full-width transformer + LoRA fwd+bwd: triton vs peft agreement, TFLOP/s
 #                           vs benchmarks.rl_cost, torch.profiler top 15 kernels        -> transformer_profile.txt
 #   rl_iteration  85 / 45   benchmarks.rl_iteration (2 layers, K 8, 2 inputs, synthetic demo patches):
 #                           ours, ours + rl.fp8_nograd=rollout_ref, diffusers + peft     -> rl_iteration.csv
@@ -58,8 +58,8 @@ STEPS=(
   "ceilings 40 20"
   "kernel_tests 95 30"
   "lora_linear 70 30"
-  "nft 40 15"
-  "profile 60 30"
+  "nft 50 15"
+  "profile 50 30"
   "rl_iteration 85 45"
 )
 KILL_GRACE=5  # seconds a step gets after SIGTERM (INT for pytest) before SIGKILL

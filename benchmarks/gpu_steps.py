@@ -485,6 +485,16 @@ def nft(out: Path, smoke: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         run_case(case, Path(tmp), note="smoke" if smoke else "", reps=3 if smoke else 10)
         merge_csv(out, sorted(Path(tmp).glob("*.csv")))
+    # rl.fp8_nograd's activation quantisation (fused vs eager vs compile; codes checked first): the H200's fp8
+    # rollout was slower than bf16 with the eager version
+    from benchmarks import bench_fp8_quant
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in bench_fp8_quant.cases(smoke)[: 1 if smoke else None]:
+            if smoke:
+                case.providers["compile"] = torch.compile(case.providers["eager"], backend="aot_eager")
+            run_case(case, Path(tmp), note="smoke" if smoke else "", reps=3 if smoke else 10)
+        merge_csv(out, sorted(Path(tmp).glob("*.csv")))
 
 
 # -------------------------------------------------------------------------------------------- profile

@@ -11,12 +11,13 @@ Triton cannot run (CPU tensors without TRITON_INTERPRET=1) the public functions 
 # __version__, the probe reads "not installed".
 if __name__ == "oars_fast.kernels":
     from ._common import backend, get_backend, set_backend, use_triton
+    from .fp8_quant import fp8_quantize_rows, fp8_quantize_rows_ref
     from .lora_linear import lora_linear, lora_linear_addmm, lora_linear_ref
     from .nft_loss import nft_loss, nft_loss_ref, nft_loss_with_stats
     from .rewards import compass_reward, compass_reward_ref, group_advantages, group_advantages_ref
 
     __all__ = [
-        "backend", "get_backend", "set_backend", "use_triton",
+        "backend", "get_backend", "set_backend", "use_triton", "fp8_quantize_rows", "fp8_quantize_rows_ref",
         "lora_linear", "lora_linear_addmm", "lora_linear_ref",
         "nft_loss", "nft_loss_ref", "nft_loss_with_stats",
         "compass_reward", "compass_reward_ref", "group_advantages", "group_advantages_ref",

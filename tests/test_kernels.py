@@ -447,3 +447,51 @@ def test_top_level_kernels_import_is_inert():
             "print(float(ok.group_advantages(torch.rand(8), 4)[0].sum()))\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------
+# fp8 row quantisation (rl.fp8_nograd's activations)
+FP8_SHAPES = [(1, 1, 16), (5, 13, 16), (17, 130, 144), (3, 3000, 3008), (64, 64, 64), (2, 4100, 4112)]
+
+
+def _codes_equal(a, b):
+    return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m,k,cols", FP8_SHAPES)
+def test_fp8_quantize_rows_matches_reference_bit_for_bit(dtype, m, k, cols):
+    """Codes and scales equal the eager reference's exactly, on rows of very different magnitudes, a zero row, a
+    padded K, and a transposed (column-major) input."""
+    g = torch.Generator().manual_seed(m * 7919 + k)
+    x = torch.randn(m, k, generator=g) * torch.logspace(-3, 3, m)[:, None]
+    if m >= 3:
+        x[0] = 0
+    x = x.to(DEV, dtype)
+    codes, scales = K.fp8_quantize_rows(x, cols)
+    ref_codes, ref_scales = K.fp8_quantize_rows_ref(x, cols)
+    assert codes.shape == (m, cols) and codes.dtype == torch.float8_e4m3fn and codes.is_contiguous()
+    assert scales.shape == (m, 1) and scales.dtype == torch.float32
+    assert _codes_equal(codes, ref_codes) and torch.equal(scales, ref_scales)
+    assert not codes[:, k:].float().any()  # the padding
+    xt = x.t().contiguous().t()  # the same values, column-major
+    codes_t, scales_t = K.fp8_quantize_rows(xt, cols)
+    assert _codes_equal(codes_t, codes) and torch.equal(scales_t, scales)
+
+
+def test_fp8_quantize_rows_rounds_every_e4m3_interval_like_torch():
+    """Values on a fine grid over the whole e4m3 range and over its subnormals (scale 1: the row's max is 448), so
+    every rounding boundary and every carry into the exponent is crossed. (Triton's interpreter casts fp8 with
+    a lost carry, e.g. 124.2 -> 64: the kernel rounds in float32 before the cast.)"""
+    for lo, hi, n in ((-448.0, 448.0, 400_001), (-0.02, 0.02, 100_001)):
+        x = torch.cat([torch.linspace(lo, hi, n), torch.tensor([448.0])]).view(1, -1).to(DEV)
+        codes, scales = K.fp8_quantize_rows(x)
+        assert float(scales) == 1.0
+        assert _codes_equal(codes, x.to(torch.float8_e4m3fn))  # torch's own round-to-nearest-even cast
+
+
+def test_fp8_quantize_rows_refuses_bad_shapes():
+    with pytest.raises(ValueError, match="2-D"):
+        K.fp8_quantize_rows(torch.zeros(2, 3, 4, device=DEV))
+    with pytest.raises(ValueError, match="cols=8 is less than K=9"):
+        K.fp8_quantize_rows(torch.zeros(2, 9, device=DEV), 8)

@@ -12,7 +12,8 @@ norm and projection (``norm_out``, ``proj_out``), the VAE and the text encoder s
 
 How: ``y = _scaled_mm(q(x), q(W).t(), scale_a, scale_b) + bias`` with
 
-* activations quantised per row (token): ``scale_a = amax(|x_row|) / 448`` (M, 1) float32;
+* activations quantised per row (token): ``scale_a = amax(|x_row|) / 448`` (M, 1) float32, on CUDA in one fused
+  Triton pass (``oars_fast.kernels.fp8_quantize_rows``);
 * weights per output channel: ``scale_b = amax(|W_row|) / 448`` (1, N) float32;
 * e4m3 (``torch.float8_e4m3fn``, max 448), values scaled in float32 and saturated to +-448; a zero row gets
   the smallest positive scale (its codes and output are 0);
@@ -47,15 +48,14 @@ import weakref
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
 
+from .. import kernels
 from ..config import ConfigError
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 ALIGN = 16  # cuBLASLt fp8: K and N multiples of 16
-_TINY = torch.finfo(torch.float32).tiny
 EXCLUDED = ("img_mod", "txt_mod")  # modulation Linears: M = batch, no gain, and they scale every token
 
 
@@ -67,12 +67,12 @@ def quantize_rows(x: torch.Tensor, cols: int | None = None) -> tuple[torch.Tenso
     """Row-wise e4m3 quantisation of a 2-D tensor: (codes (M, cols) fp8 row-major, scales (M, 1) float32) with
     ``x ~ codes.float() * scales``; `cols` >= K pads each row with zeros (default: K itself). The codes are
     row-major whatever `x`'s strides (cuBLASLt's fp8 GEMM takes a row-major A only: a transposed activation
-    kept its column-major strides through the elementwise ops and failed on the H200)."""
-    xf = x.float().contiguous()
-    if cols is not None and cols > xf.shape[1]:
-        xf = F.pad(xf, (0, cols - xf.shape[1]))
-    scale = (xf.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp_min(_TINY)
-    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    kept its column-major strides through the elementwise ops and failed on the H200). On CUDA one fused Triton
+    pass (:func:`oars_fast.kernels.fp8_quantize_rows`: the eager version's float32 temporaries made the H200's fp8
+    rollout slower than bf16); elsewhere the eager reference, which gives the same codes bit for bit."""
+    if x.is_cuda:
+        return kernels.fp8_quantize_rows(x, cols)
+    return kernels.fp8_quantize_rows_ref(x, cols)
 
 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
