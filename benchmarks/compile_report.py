@@ -201,7 +201,7 @@ def _other_variants() -> list[Variant]:
             eps=1e-4, filter_mean=0.9, filter_std=0.05, GLOBAL_STD=True, BLOCK_G=Const(16), BLOCK_S=Const(32))),
         # rl.fp8_nograd's activations: a row of the MLP's 12288-wide hidden layer, 8 warps (the launcher's choice)
         Variant("fp8_quant", q8._quantize_rows_kernel, fixed, one, lambda dt, c: dict(
-            x=Ptr("x"), codes=Ptr("fp8e4nv"), scales=Ptr("fp32"), K=12288, COLS=12288, sxm=12288, sxk=1, scm=12288,
+            x=Ptr("x"), codes=Ptr("u8"), scales=Ptr("fp32"), K=12288, COLS=12288, sxm=12288, sxk=1, scm=12288,
             FP8_MAX=Const(q8.FP8_MAX), TINY=Const(q8._TINY), BLOCK=Const(2048)),
             options=lambda cfg: {"num_warps": 8, "num_stages": 3}),
     ]

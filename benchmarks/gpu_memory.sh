@@ -33,7 +33,11 @@ if [ "$SMOKE" = 1 ]; then
   export OARS_COPY
 fi
 mkdir -p "$OUT_DIR"
-for f in memory_plan.csv compass_scoring.csv cuda_tests.log memory.log; do rm -f "$OUT_DIR/$f"; done
+# a rerun replaces the files of the steps it runs (and memory.log): GPU_MEMORY_SKIP keeps the others
+for step_file in memory_plan:memory_plan.csv compass:compass_scoring.csv cuda_tests:cuda_tests.log; do
+  [[ " ${GPU_MEMORY_SKIP:-} " == *" ${step_file%%:*} "* ]] || rm -f "$OUT_DIR/${step_file#*:}"
+done
+rm -f "$OUT_DIR/memory.log"
 # shellcheck source=benchmarks/gpu_setup.sh
 source benchmarks/gpu_setup.sh > "$OUT_DIR/memory.log" 2>&1 || { cat "$OUT_DIR/memory.log"; exit 1; }
 LOG=$OUT_DIR/memory.log

@@ -7,8 +7,8 @@ Modes: ``fwd``, ``bwd`` (backward of a retained graph) and ``full`` (forward + b
 
 Timing: on a GPU ``triton.testing.do_bench`` (median with p20/p80, L2 flushed between runs); on the
 CPU a wall-clock fallback (warm-up, then median/p20/p80 of repeated calls). do_bench's events time
-max(host, device): a call whose Python and launches take longer than its kernels reads as host time (the
-H200 run showed it: the NFT loss at 24x16x128x128 and the LoRA backward at M = 16384). So on a GPU each row's
+max(host, device): a call whose Python and launches take longer than its kernels reads as host time (suspected,
+not yet measured, for the H200 run's NFT loss at 24x16x128x128 and LoRA backward at M = 16384). So on a GPU each row's
 note also gives ``device_ms`` (the kernels' own time per call, summed from torch.profiler) and ``host_ms``
 (the wall time per call to enqueue it, no synchronisation inside the loop). Peak memory is the
 CUDA peak above the inputs (on the CPU: not measured, written as empty). Rows are appended to

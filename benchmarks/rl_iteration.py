@@ -110,7 +110,8 @@ def main(argv=None) -> None:
             notes[provider] = f"{'agree' if good else 'MISMATCH'}: {agreement}"
             print(f"rl_iteration agreement (warm-up iteration, {provider} vs reference): {agreement}")
     for r in rows:
-        r["note"] = f"{r['note']}; {notes.get(r['provider'], 'the reference')}"
+        if r["provider"] not in failed:
+            r["note"] = f"{r['note']}; {notes.get(r['provider'], 'the reference')}"
     write_rows(rows, args.out / "rl_iteration.csv")
     if failed:
         raise SystemExit(f"rl_iteration: {', '.join(failed)} failed (see above)")

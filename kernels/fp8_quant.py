@@ -5,16 +5,18 @@
 * ``scale = max(amax(|x_row|) / 448, tiny)`` (float32; a zero row gets the smallest positive scale, codes 0);
 * ``codes = cast_e4m3(clamp(x / scale, -448, 448))`` with round-to-nearest-even, columns K..cols zero (cuBLASLt
   wants K a multiple of 16);
-* codes row-major whatever x's strides (cuBLASLt's fp8 GEMM takes a row-major A only).
+* codes row-major whatever x's strides (cuBLASLt's fp8 GEMM takes a row-major A only);
+* non-finite values as the reference: a row holding NaN gets a NaN scale and NaN codes, one holding inf an inf
+  scale (its finite values code 0, the infs NaN); -0.0 codes as -0.0.
 
 The eager version (:func:`fp8_quantize_rows_ref`, what ``oars_fast.models.fp8`` did before) makes a float32 copy of
 the activation and runs abs, amax, divide, clamp and cast over it: about 30 bytes of traffic per element and
 three float32 temporaries of the activation's size. On an H200 that made the fp8 rollout 1.5x slower than bf16
 and its peak 4 GB higher (``benchmarks/results/gpu/2026-11-27-h200/``). The kernel reads each row twice (the
 amax, then the codes; a row of 3072-12288 bf16 values is 6-24 KiB, still in L1/L2 the second time) and writes
-1 byte per element: ~5 bytes per element and no temporaries. Division is IEEE-rounded (``div_rn``) so the codes
-equal the reference's bit for bit, and the rounding to e4m3 is done explicitly in float32 (``_round_e4m3``) before
-the cast, so that Triton's CPU interpreter, whose fp8 cast mis-rounds, gives the hardware's codes too.
+1 byte per element: ~5 bytes per element and no temporaries. Division is IEEE-rounded (``div_rn``) and the e4m3
+bits are built explicitly (``_e4m3_code``, stored as uint8) instead of by Triton's fp8 cast, so the codes equal the
+reference's bit for bit on the GPU and in Triton's CPU interpreter alike (whose fp8 cast mis-rounds).
 
 One program per row, the row in BLOCK-wide chunks. Not differentiable (no-grad forwards only).
 """
@@ -39,32 +41,40 @@ def _quantize_rows_kernel(x, codes, scales, K, COLS, sxm, sxk, scm, FP8_MAX: tl.
     amax = tl.zeros([BLOCK], dtype=tl.float32)
     for k0 in range(0, K, BLOCK):
         k = k0 + tl.arange(0, BLOCK)
-        v = tl.load(xrow + k * sxk, mask=k < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(v))
-    scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), FP8_MAX), TINY)
+        v = tl.load(xrow + k.to(tl.int64) * sxk, mask=k < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(v), propagate_nan=tl.PropagateNan.ALL)  # a NaN row stays NaN
+    row_max = tl.max(tl.where(amax != amax, float("inf"), amax), axis=0)  # tl.max drops NaN: carry it as inf...
+    row_max = tl.where(tl.max((amax != amax).to(tl.int32), axis=0) > 0, float("nan"), row_max)  # ...then NaN
+    scale = tl.maximum(tl.math.div_rn(row_max, FP8_MAX), TINY, propagate_nan=tl.PropagateNan.ALL)
     tl.store(scales + row, scale)
     crow = codes + row * scm
     for k0 in range(0, COLS, BLOCK):
         k = k0 + tl.arange(0, BLOCK)
-        v = tl.load(xrow + k * sxk, mask=k < K, other=0.0).to(tl.float32)  # columns K..COLS: zeros
-        q = tl.minimum(tl.maximum(tl.math.div_rn(v, scale), -FP8_MAX), FP8_MAX)
-        tl.store(crow + k, _round_e4m3(q).to(tl.float8e4nv), mask=k < COLS)
+        v = tl.load(xrow + k.to(tl.int64) * sxk, mask=k < K, other=0.0).to(tl.float32)  # columns K..COLS: zeros
+        q = tl.minimum(tl.maximum(tl.math.div_rn(v, scale), -FP8_MAX, propagate_nan=tl.PropagateNan.ALL), FP8_MAX,
+                       propagate_nan=tl.PropagateNan.ALL)
+        tl.store(crow + k, _e4m3_code(q).to(tl.uint8), mask=k < COLS)
 
 
 @triton.jit
-def _round_e4m3(q):
-    """Round float32 |q| <= 448 to the nearest e4m3 value (ties to even), still as float32, so that the cast to fp8
-    that follows is exact. (The hardware cast rounds the same way; Triton's CPU interpreter does not: it turned
-    124.2 into 64 instead of 128, a rounding carry into the exponent lost.) Normal range (|q| >= 2^-6): round the
-    23-bit mantissa to 3 bits on the integer bits (carries move into the exponent as they should); subnormal range:
-    round |q| to a multiple of 2^-9 by adding and subtracting 2^14 (float32's own round-to-nearest-even),
-    the sign put back after."""
+def _e4m3_code(q):
+    """The e4m3fn bit pattern (int32, 0..255) of float32 q, |q| <= 448 or NaN, rounded to nearest, ties to even:
+    the same bits as torch's cast, built with integer and float32 arithmetic (Triton's CPU interpreter casts to
+    fp8 wrongly: 124.2 became 64, a rounding carry into the exponent lost, and NaN became 384).
+
+    Normal range (|q| >= 2^-6): the 23-bit mantissa rounded to 3 bits on the integer bits (a carry moves into the
+    exponent as it should), then exponent - 120 (float32's bias 127, e4m3's 7) and the 3 mantissa bits. Subnormal
+    range: |q| rounded to a multiple of 2^-9 by adding and subtracting 2^14 (float32's own round-to-nearest-even),
+    the code being that multiple (8, i.e. 2^-6 after rounding up, is also the smallest normal's code). The sign bit
+    is q's own (-0.0 stays -0.0: tanh-GELU outputs give it); NaN codes as 0x7F with its sign."""
     bits = q.to(tl.int32, bitcast=True)
-    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000  # -0x100000: the mask 0xFFF00000
-    normal = bits.to(tl.float32, bitcast=True)
+    sign = (bits >> 24) & 0x80
+    rounded = (bits + 0x7FFFF + ((bits >> 20) & 1)) & 0x7FF00000  # the magnitude's rounded exponent and 3 bits
+    normal = ((rounded >> 23) - 120) * 8 + ((rounded >> 20) & 7)
     mag = tl.abs(q)
-    sub = (mag + 16384.0) - 16384.0  # |q| + 2^14 lies in [2^14, 2^15): float32 spacing 2^-9 there
-    return tl.where(mag >= 0.015625, normal, tl.where(q < 0, -sub, sub))
+    sub = (((mag + 16384.0) - 16384.0) * 512.0).to(tl.int32)  # |q| + 2^14 in [2^14, 2^15): float32 spacing 2^-9
+    code = tl.where(mag >= 0.015625, normal, sub)
+    return tl.where(q != q, 0x7F, code) | sign
 
 
 def fp8_quantize_rows_ref(x: torch.Tensor, cols: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,6 +100,6 @@ def fp8_quantize_rows(x: torch.Tensor, cols: int | None = None) -> tuple[torch.T
     codes = torch.empty(m, cols, device=x.device, dtype=FP8)
     scales = torch.empty(m, 1, device=x.device, dtype=torch.float32)
     block = min(triton.next_power_of_2(cols), 2048)
-    _quantize_rows_kernel[(m,)](x, codes, scales, k, cols, x.stride(0), x.stride(1), codes.stride(0),
+    _quantize_rows_kernel[(m,)](x, codes.view(torch.uint8), scales, k, cols, x.stride(0), x.stride(1), codes.stride(0),
                                 FP8_MAX=FP8_MAX, TINY=_TINY, BLOCK=block, num_warps=4 if block <= 1024 else 8)
     return codes, scales

@@ -20,14 +20,16 @@ pytestmark = pytest.mark.skipif(not _common.use_triton(torch.zeros(1, device=DEV
 
 
 def _close(ours, same_dtype, ref64, factor, depth=1):
-    """ours within `factor` x torch's own error, plus a floor: 4 roundings of the output, and the random walk of
-    rounding errors in fp32 accumulators over a reduction of length `depth` (eps32 * sqrt(depth) / 2 of the
-    largest value; it matters in fp32 only: at 2053 x 1536 -> 4608, r 64 on the H200, Triton's fp32 "ieee" dot
-    summed in tile order was off 4.2e-5 where cuBLAS's order was off 9.7e-6, i.e. 0.26 eps32 * sqrt(4672))."""
+    """ours within `factor` x torch's own error, plus a floor: 4 roundings of the output and, for float32 outputs
+    only, the random walk of rounding errors over a reduction of length `depth` (eps32 * sqrt(depth) / 2 of the
+    largest value). That second term is a property of the kernel, stated here rather than hidden: at 2053 x 1536
+    -> 4608, r 64 on the H200, Triton's fp32 "ieee" dot summed in tile order was off 4.2e-5 where cuBLAS's order
+    was off 9.7e-6 (4.4x; 0.26 eps32 * sqrt(4672)); in 16-bit dtypes the output rounding dominates."""
     err = (ours.double() - ref64).abs().max().item()
     err_torch = (same_dtype.double() - ref64).abs().max().item()
     big = max(1.0, ref64.abs().max().item())
-    floor = (4 * torch.finfo(ours.dtype).eps + torch.finfo(torch.float32).eps * depth**0.5 / 2) * big
+    walk = torch.finfo(torch.float32).eps * depth**0.5 / 2 if ours.dtype == torch.float32 else 0.0
+    floor = (4 * torch.finfo(ours.dtype).eps + walk) * big
     assert err <= factor * err_torch + floor, f"kernel err {err:.3g} vs torch err {err_torch:.3g} (floor {floor:.3g})"
 
 
@@ -482,12 +484,33 @@ def test_fp8_quantize_rows_matches_reference_bit_for_bit(dtype, m, k, cols):
 def test_fp8_quantize_rows_rounds_every_e4m3_interval_like_torch():
     """Values on a fine grid over the whole e4m3 range and over its subnormals (scale 1: the row's max is 448), so
     every rounding boundary and every carry into the exponent is crossed. (Triton's interpreter casts fp8 with
-    a lost carry, e.g. 124.2 -> 64: the kernel rounds in float32 before the cast.)"""
+    a lost carry, e.g. 124.2 -> 64: the kernel builds the e4m3 bits itself.)"""
     for lo, hi, n in ((-448.0, 448.0, 400_001), (-0.02, 0.02, 100_001)):
         x = torch.cat([torch.linspace(lo, hi, n), torch.tensor([448.0])]).view(1, -1).to(DEV)
         codes, scales = K.fp8_quantize_rows(x)
         assert float(scales) == 1.0
         assert _codes_equal(codes, x.to(torch.float8_e4m3fn))  # torch's own round-to-nearest-even cast
+
+
+def test_fp8_quantize_rows_keeps_non_finite_values_and_negative_zero_as_the_reference():
+    """A NaN row: NaN scale and NaN codes; an inf row: inf scale, its finite values 0 and the inf NaN; -0.0 codes
+    as -0.0 (0x80), which tanh-GELU outputs contain. Random float32 bit patterns over every exponent too."""
+    nan, inf = float("nan"), float("inf")
+    x = torch.tensor([[nan, 1.0, 448.0, 2.0], [inf, 1.0, -3.0, 0.5], [-0.0, -0.0, 0.0, 1.0], [-inf, 2, 3, 4]],
+                     device=DEV)
+    codes, scales = K.fp8_quantize_rows(x, 16)
+    ref_codes, ref_scales = K.fp8_quantize_rows_ref(x, 16)
+    both_nan = codes.float().isnan() & ref_codes.float().isnan()
+    assert bool((both_nan | (codes.float() == ref_codes.float())).all())
+    assert bool(codes[0, :4].float().isnan().all()) and bool(scales[0].isnan()) and float(scales[1]) == inf
+    assert _codes_equal(codes[2:], ref_codes[2:]) and int(codes[2, 0].view(torch.uint8)) == 0x80
+    g = torch.Generator().manual_seed(3)
+    bits = torch.randint(-2**31, 2**31 - 1, (1, 100_000), generator=g, dtype=torch.int64).to(torch.int32)
+    r = bits.view(torch.float32)
+    r = r[:, torch.isfinite(r[0])].to(DEV)
+    codes, scales = K.fp8_quantize_rows(r)
+    ref_codes, ref_scales = K.fp8_quantize_rows_ref(r)
+    assert _codes_equal(codes, ref_codes) and torch.equal(scales, ref_scales)
 
 
 def test_fp8_quantize_rows_refuses_bad_shapes():
