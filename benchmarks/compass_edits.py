@@ -23,11 +23,13 @@ import torch.nn.functional as F
 
 from oars_fast.data.images import load_image, scan_images
 from oars_fast.evaluation.metrics import lr_consistency
+from oars_fast.kernels import compass_reward_ref
 from oars_fast.rewards.compass import CompassModel
-from oars_fast.stages.pipeline import _blur, unfaithful_edit
+from oars_fast.stages.pipeline import ground_truth_edit
 
 from .harness import RESULTS, device_name, git_sha, write_table
 
+QUALITY_EDITS = ("blur1.0", "noise0.03")
 EDITS = ("shift2", "color0.2", "bright0.1")
 EVAL_MODELS = ("SFT", "FR-RL", "OARS")
 
@@ -35,11 +37,9 @@ EVAL_MODELS = ("SFT", "FR-RL", "OARS")
 def candidates(lr: torch.Tensor, hr: torch.Tensor) -> dict[str, torch.Tensor]:
     """The named candidates of one held-out patch, each (3, H, W) in [0, 1]."""
     out = {"gt": hr,
-           "bicubic": F.interpolate(lr[None], size=hr.shape[-2:], mode="bicubic", align_corners=False)[0].clamp(0, 1),
-           "blur1.0": _blur(hr[None], 1.0)[0],
-           "noise0.03": (hr + 0.03 * torch.randn(hr.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)}
-    for edit in EDITS:
-        out[edit] = unfaithful_edit(hr[None], edit)[0]
+           "bicubic": F.interpolate(lr[None], size=hr.shape[-2:], mode="bicubic", align_corners=False)[0].clamp(0, 1)}
+    for edit in (*QUALITY_EDITS, *EDITS):  # made as the demo's annotation set makes them
+        out[edit] = ground_truth_edit(hr[None], edit)[0]
     return out
 
 
@@ -58,20 +58,20 @@ def main(argv=None) -> None:
     stems = sorted(set(lrs) & set(hrs))
     if not stems:
         raise SystemExit(f"compass_edits: no held-out LR/HR pairs in {args.run / 'heldout'}")
+    outputs = {m: {p.stem: p for p in scan_images(args.run / "eval" / m)} for m in EVAL_MODELS
+               if (args.run / "eval" / m).is_dir()}
     acc: dict[str, dict[str, list[float]]] = {}
     for stem in stems:
         lr, hr = load_image(lrs[stem]), load_image(hrs[stem])
         cands = candidates(lr, hr)
-        for m in EVAL_MODELS:
-            folder = args.run / "eval" / m
-            found = [p for p in scan_images(folder) if p.stem == stem] if folder.is_dir() else []
-            if found:
-                cands[m] = load_image(found[0])
+        for m, files in outputs.items():
+            if stem in files:
+                cands[m] = load_image(files[stem])
         names = list(cands)
         sr = torch.stack([cands[n] for n in names])
         with torch.no_grad():
             f, q_lr, q_sr = model.score(lr[None], sr, torch.zeros(len(names), dtype=torch.long))
-        r = f * q_lr + f ** (q_lr / 7.0) * (q_sr - q_lr)
+        r = compass_reward_ref(f, q_lr, q_sr, 7.0)
         cons = lr_consistency(sr, lr[None].expand(len(names), -1, -1, -1))
         for i, n in enumerate(names):
             a = acc.setdefault(n, {k: [] for k in ("f", "q_sr", "r", "lr_consistency", "f_below_gt")})

@@ -166,13 +166,13 @@ def run_case(case: Case, out_dir: Path = RESULTS, note: str = "", reps: int = 10
                 _sync()
                 peak = f"{(torch.cuda.max_memory_allocated() - base) / 2**20:.1f}"
             ms, p20, p80 = time_fn(call, grads, reps=reps)
-            row_note = meta["note"]
+            split = ""
             if torch.cuda.is_available():
                 try:
-                    dev_ms, host_ms = device_and_host_ms(call, grads)
-                    row_note = "; ".join(x for x in (row_note, f"device_ms={dev_ms:.4f}; host_ms={host_ms:.4f}") if x)
+                    split = "device_ms={:.4f}; host_ms={:.4f}".format(*device_and_host_ms(call, grads))
                 except Exception as e:  # the timing above stands; say why the split is missing
-                    row_note = "; ".join(x for x in (row_note, f"device/host split failed: {type(e).__name__}") if x)
+                    split = f"device/host split failed: {type(e).__name__}"
+            row_note = "; ".join(x for x in (meta["note"], split) if x)
             nbytes, nflops = case.bytes.get(mode), case.flops.get(mode)
             rows.append({**meta, "provider": name, "mode": mode, "ms": f"{ms:.4f}", "p20_ms": f"{p20:.4f}",
                          "p80_ms": f"{p80:.4f}", "gbps": f"{nbytes / ms / 1e6:.1f}" if nbytes else "",

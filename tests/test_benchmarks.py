@@ -86,7 +86,7 @@ def test_compass_edits_scores_every_candidate(tmp_path, capsys):
         save_image(torch.nn.functional.avg_pool2d(hr[None], 4)[0], run / "heldout" / "lr" / f"p{i}.png")
     compass_edits.main(["--run", str(run), "--out", str(tmp_path)])
     rows = {r["candidate"]: r for r in csv.DictReader(open(tmp_path / "compass_edits.csv"))}
-    assert list(rows) == ["gt", "bicubic", "blur1.0", "noise0.03", *compass_edits.EDITS]
+    assert list(rows) == ["gt", "bicubic", *compass_edits.QUALITY_EDITS, *compass_edits.EDITS]
     assert all(r["n"] == "2" and 0 <= float(r["f_below_gt"]) <= 1 for r in rows.values())
     for edit in compass_edits.EDITS:
         assert float(rows[edit]["lr_consistency"]) < float(rows["gt"]["lr_consistency"]), edit

@@ -251,13 +251,8 @@ class Pipeline:
         for method in tqdm(self.cfg.methods, desc="methods", disable=None, leave=False):
             if method == "bicubic":
                 sr = F.interpolate(lr, scale_factor=data.scale, mode="bicubic", align_corners=False).clamp(0, 1)
-            elif method.startswith("blur"):
-                sr = _blur(hr, float(method[4:]))
-            elif method.startswith("noise"):
-                g = torch.Generator().manual_seed(METHOD_SEED)
-                sr = (hr + float(method[5:]) * torch.randn(hr.shape, generator=g)).clamp(0, 1)
-            elif method.startswith(("shift", "color", "bright")):
-                sr = unfaithful_edit(hr, method)
+            elif method.startswith(GT_EDITS):
+                sr = ground_truth_edit(hr, method)
             elif method in ("base", "sft_early") or method.startswith("sft_"):
                 folder = self.base if method in ("base", "sft_early") else str(self.path("sft", "model"))
                 key = (folder, method == "sft_early")
@@ -281,6 +276,20 @@ class Pipeline:
                                 "weights (sft.save_every; under DeepSpeed also deepspeed.consolidate_every)")
             model.transformer.load_state_dict(load_file(str(ckpts[0])), strict=False)
         return model
+
+
+GT_EDITS = ("blur", "noise", "shift", "color", "bright")  # the annotation-set methods that edit the ground truth
+
+
+def ground_truth_edit(hr: torch.Tensor, method: str) -> torch.Tensor:
+    """An annotation-set method made from the ground truth (B, 3, H, W): ``blur<sigma>`` (Gaussian), ``noise<std>``
+    (Gaussian, seeded), or one of the sharp fidelity negatives of :func:`unfaithful_edit`."""
+    if method.startswith("blur"):
+        return _blur(hr, float(method[4:]))
+    if method.startswith("noise"):
+        g = torch.Generator().manual_seed(METHOD_SEED)
+        return (hr + float(method[5:]) * torch.randn(hr.shape, generator=g)).clamp(0, 1)
+    return unfaithful_edit(hr, method)
 
 
 def unfaithful_edit(hr: torch.Tensor, method: str) -> torch.Tensor:
