@@ -123,6 +123,30 @@ def test_back_projected_entry_scores_the_projection_of_its_source(pair_dir, tmp_
              name="bad")
 
 
+def test_hr_entry_is_the_ground_truth_as_a_reference_row(pair_dir, tmp_path):
+    """`hr` scores the ground truth itself: its LR consistency is what a perfect restoration gets, its PSNR is
+    infinite (left out of the mean) and its SSIM 1; without a ground truth the entry has no output, named with the
+    reason."""
+    rows, summary, _ = _run(tmp_path, f"eval.lr_dir={pair_dir / 'lr'}", f"eval.hr_dir={pair_dir / 'hr'}",
+                            "eval.metrics=[psnr_y, ssim_y, lr_consistency]",
+                            "eval.models=[{bicubic: bicubic}, {HR: hr}]")
+    hr_rows = [r for r in rows if r["model"] == "HR"]
+    assert len(hr_rows) == 3 and all(Path(r["sr"]) == pair_dir / "hr" / f"{r['image']}.png" for r in hr_rows)
+    for r in hr_rows:
+        hr = load_image(pair_dir / "hr" / f"{r['image']}.png")[None]
+        lr = load_image(pair_dir / "lr" / f"{r['image']}.png")[None]
+        assert float(r["psnr_y"]) == float("inf") and float(r["ssim_y"]) == pytest.approx(1.0, abs=1e-12)
+        assert float(r["lr_consistency"]) == pytest.approx(float(lr_consistency(hr, lr, 4)[0]), abs=1e-9)
+    m = summary["models"]["HR"]
+    # these LR are the metric's own downsampling of the HR, so the HR's LR consistency is infinite too
+    assert m["kind"] == "hr" and m["mean"]["psnr_y"] is None and m["nonfinite"] == {"psnr_y": 3, "lr_consistency": 3}
+    assert m["mean"]["ssim_y"] == pytest.approx(1.0, abs=1e-12)
+    _, lq, _ = _run(tmp_path, "eval.benchmark=realset", f"eval.root={pair_dir / 'lr'}",
+                    "eval.metrics=[lr_consistency]", "eval.models=[{bicubic: bicubic}, {HR: hr}]", name="lq")
+    assert lq["models"]["HR"]["n_images"] == 0
+    assert set(lq["models"]["HR"]["missing"].values()) == {"no ground truth (LQ-only input)"}
+
+
 def test_lq_only_inputs_skip_full_reference_metrics(pair_dir, tmp_path):
     rows, summary, _ = _run(tmp_path, "eval.benchmark=realset", f"eval.root={pair_dir / 'lr'}",
                             "eval.metrics=[psnr_y, ssim_y, lr_consistency, dists]")

@@ -44,7 +44,7 @@ def test_pipeline_end_to_end_then_skips_then_resumes(tmp_path, demo_cache):
         assert (root / path).exists(), path
     metrics = json.loads((root / "eval" / "metrics.json").read_text())
     html = (root / "report.html").read_text()
-    assert list(metrics["models"]) == ["bicubic", "SFT", "FR-RL", "OARS", "SFT+BP", "OARS+BP"]
+    assert list(metrics["models"]) == ["bicubic", "SFT", "FR-RL", "OARS", "SFT+BP", "OARS+BP", "HR"]
     for model in metrics["models"]:
         assert f">{model}<" in html, model
     for ref in re.findall(r'(?:src|href)="([^"#:]+)"', html):

@@ -195,3 +195,21 @@ def test_the_page_renders_in_headless_chromium(tmp_path):
     assert len(srcs) >= 2 * 5 * 2 + 3, srcs
     for s in srcs:
         assert s and (s.startswith("data:") or (html_path.parent / s).is_file()), s
+
+
+def test_the_ground_truth_row_is_a_reference_not_a_contender(tmp_path):
+    """An eval `hr` row (PSNR infinite, hence no mean) is listed, is never marked best, and is a dashed line in
+    the trade-off plot instead of a point."""
+    root = _fake_run(tmp_path / "runs" / "demo")
+    path = root / "eval" / "metrics.json"
+    summary = json.loads(path.read_text())
+    summary["models"]["HR"] = {"kind": "hr", "source": "hr", "n_images": 2, "missing": {},
+                               "mean": {"psnr_y": None, "musiq": 99.0}, "nonfinite": {"psnr_y": 2}}
+    path.write_text(json.dumps(summary))
+    _render(root, "report.examples=1", "report.perception=[musiq]")
+    text = (root / "report.html").read_text()
+    assert _parse(root / "report.html").metric_rows == [*MODELS, "HR"]
+    assert "<td>99.00</td>" in text and "<b>99.00</b>" not in text
+    assert "<td><b>60.00</b></td>" in text  # the best of the models themselves (oars' MUSIQ)
+    assert (root / "report_files" / "tradeoff.png").is_file()
+    assert "no image has outputs" not in text  # the examples leave the HR entry out: HR is their last column

@@ -39,9 +39,10 @@ class EvalConfig(Section):
     lr_dir: str | None = doc(None, "benchmark=folders: folder of LR inputs")
     hr_dir: str | None = doc(None, "benchmark=folders: folder of ground truths matched to the LR by file stem "
                              "(optional; without it full-reference metrics are skipped)")
-    models: list[dict] = doc(None, "the models side by side, a list of `name: kind` entries: `bicubic`, a model "
-                             "folder (or model:<folder|hub id>), a folder of SR outputs (or sr:<folder>), or "
-                             "bp:<earlier entry> (its outputs back-projected onto the LR, eval.back_projection steps)",
+    models: list[dict] = doc(None, "the models side by side, a list of `name: kind` entries: `bicubic`, `hr` (the "
+                             "ground truth itself, a reference row), a model folder (or model:<folder|hub id>), a "
+                             "folder of SR outputs (or sr:<folder>), or bp:<earlier entry> (its outputs "
+                             "back-projected onto the LR, eval.back_projection steps)",
                              factory=lambda: [{"bicubic": "bicubic"}])
     scale: Literal[1, 2, 4, 8] = doc(4, "super-resolution factor")
     crop: int | None = doc(None, "centre crop, HR side (the LR is cropped to crop/scale at the same place); null: the "
@@ -91,14 +92,14 @@ class EvalConfig(Section):
         for i, entry in enumerate(self.models):
             if not isinstance(entry, dict) or not entry:
                 raise ConfigError(f"EvalConfig.models[{i}]={entry!r} must be a mapping `name: kind` (kind: bicubic, "
-                                  "a model folder, model:<folder|hub id>, a folder of SR images or sr:<folder>)")
+                                  "hr, a model folder, model:<folder|hub id>, a folder of SR images or sr:<folder>)")
             for name, kind in entry.items():
                 name = str(name)
                 if not _NAME.match(name) or name in _RESERVED:
                     raise ConfigError(f"EvalConfig.models[{i}]: name {name!r} must be a folder name (letters, digits, "
                                       f"_ . + -) other than {list(_RESERVED)}")
                 if not isinstance(kind, str) or not kind.strip():
-                    raise ConfigError(f"EvalConfig.models[{i}]: {name}={kind!r} must be bicubic, a model folder, "
+                    raise ConfigError(f"EvalConfig.models[{i}]: {name}={kind!r} must be bicubic, hr, a model folder, "
                                       "model:<folder|hub id>, a folder of SR images or sr:<folder>")
                 if name in {n for n, _ in out}:
                     raise ConfigError(f"EvalConfig.models: the name {name!r} appears twice")

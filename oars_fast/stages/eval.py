@@ -11,7 +11,9 @@
    fingerprint of the LR, the model and the sampler settings, so a rerun recomputes nothing that is done);
    or a folder of SR outputs matched by file stem (an output of the whole, uncropped image is cropped at the
    protocol's box); or ``bp:<entry>``, an earlier entry's outputs back-projected onto their LR
-   (``eval.back_projection`` steps, :mod:`oars_fast.models.consistency`; no sampling).
+   (``eval.back_projection`` steps, :mod:`oars_fast.models.consistency`; no sampling); or ``hr``, the ground
+   truth itself as a reference row (its LR consistency, COMPASS R and no-reference scores are what a perfect
+   restoration scores; its full-reference metrics are trivially infinite / 1 and shown as such).
 3. metrics per image: PSNR and SSIM on the BT.601 Y channel and PSNR on RGB (8-bit, ``eval.crop_border``
    pixels cut, default the scale), LR consistency, DISTS (weights configured), the COMPASS reward and its
    parts F, Q_LR, Q_SR (checkpoint configured and :mod:`oars_fast.rewards.compass` present), MUSIQ, LIQE,
@@ -94,8 +96,8 @@ class Item:
 @dataclass
 class ModelSpec:
     name: str
-    kind: str  # bicubic | model | sr_folder | backproject
-    source: str  # "bicubic", the model folder or hub id, the SR folder, or (backproject) the entry's name
+    kind: str  # bicubic | hr | model | sr_folder | backproject
+    source: str  # "bicubic", "hr", the model folder or hub id, the SR folder, or (backproject) the entry's name
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -194,8 +196,8 @@ def resolve_models(job: EvalJob) -> list[ModelSpec]:
     """``eval.models`` -> specs; a path that is neither a model folder nor a folder of images raises."""
     specs = []
     for name, kind in job.eval.model_entries():
-        if kind.lower() == "bicubic":
-            specs.append(ModelSpec(name, "bicubic", "bicubic"))
+        if kind.lower() in ("bicubic", "hr"):
+            specs.append(ModelSpec(name, kind.lower(), kind.lower()))
             continue
         if kind.startswith("bp:"):
             src = kind[3:]
@@ -219,9 +221,9 @@ def resolve_models(job: EvalJob) -> list[ModelSpec]:
         elif folder.is_dir():
             specs.append(ModelSpec(name, "sr_folder", str(folder)))
         else:
-            raise MissingFileError(f"eval.models: {name}: {folder} does not exist; a kind is bicubic, a model folder "
-                                   "(with transformer/ and vae/), model:<folder|hub id>, a folder of SR images or "
-                                   "sr:<folder>")
+            raise MissingFileError(f"eval.models: {name}: {folder} does not exist; a kind is bicubic, hr, a model "
+                                   "folder (with transformer/ and vae/), model:<folder|hub id>, a folder of SR images "
+                                   "or sr:<folder>")
     return specs
 
 
@@ -309,6 +311,10 @@ class _Producer:
             path = self.dir / f"{item.name}.png"
             save_image(sr, path)
             return sr, path, ""
+        if self.spec.kind == "hr":
+            if item.hr_path is None:
+                return None, None, "no ground truth (LQ-only input)"
+            return load_image(item.hr_path), item.hr_path, ""
         if self.spec.kind == "sr_folder":
             f = self.matched.get(item.name)
             if f is None:

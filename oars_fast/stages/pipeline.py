@@ -19,7 +19,8 @@ Stages (``pipeline.stages``), each reading ``<pipeline.configs>/<stage>.yaml`` a
 8. ``rl_nr``     no-reference RL on COMPASS, continuing that LoRA -> ``rl_nr/lora``, merged into the SFT model:
                  ``rl_nr/merged``, the OARS model;
 9. ``eval``      bicubic, SFT, FR-RL and OARS side by side on the held-out patches, and SFT and OARS back-projected
-                 onto their LR (``SFT+BP``, ``OARS+BP``; an inference option, not OARS) -> ``eval/metrics.json``;
+                 onto their LR (``SFT+BP``, ``OARS+BP``; an inference option, not OARS), and the ground truth
+                 itself (``HR``: the LR consistency and COMPASS R of a perfect restoration) -> ``eval/metrics.json``;
 10. ``report``   ``report.html`` + ``report.png``.
 
 A stage that finished writes ``<stage>/DONE.json`` (wall time, summary) and is skipped by a re-run
@@ -146,7 +147,8 @@ class Pipeline:
                      "eval.models=" + json.dumps([{"bicubic": "bicubic"}, {"SFT": sft},
                                                   {"FR-RL": str(p("rl_fr", "merged"))},
                                                   {"OARS": str(p("rl_nr", "merged"))},
-                                                  {"SFT+BP": "bp:SFT"}, {"OARS+BP": "bp:OARS"}])],
+                                                  {"SFT+BP": "bp:SFT"}, {"OARS+BP": "bp:OARS"},
+                                                  {"HR": "hr"}])],
             "report": [f"report.run_root={self.root}", "report.models=[bicubic, SFT, FR-RL, OARS, OARS+BP]"],
         }.get(name, [])
 

@@ -262,7 +262,8 @@ def _metric_table(summary: dict) -> str:
     best = {}
     for c in cols:
         hib = metrics[c].get("higher_is_better")
-        vals = [m["mean"].get(c) for m in summary["models"].values() if m["mean"].get(c) is not None]
+        vals = [m["mean"].get(c) for m in summary["models"].values()
+                if m["mean"].get(c) is not None and m.get("kind") != "hr"]  # the ground truth is a reference
         if hib is not None and len(vals) > 1:
             best[c] = max(vals) if hib else min(vals)
     head = "".join(f"<th title='{html.escape(metrics[c].get('description', ''))}'>"
@@ -273,7 +274,8 @@ def _metric_table(summary: dict) -> str:
         for c in cols:
             v = m["mean"].get(c)
             text = _fmt(v, c)
-            cells.append(f"<td><b>{text}</b></td>" if v is not None and best.get(c) == v else f"<td>{text}</td>")
+            mark = v is not None and best.get(c) == v and m.get("kind") != "hr"
+            cells.append(f"<td><b>{text}</b></td>" if mark else f"<td>{text}</td>")
         src = html.escape(f"{m.get('kind', '')}: {m.get('source', '')}")
         body.append(f"<tr><th class='model' title='{src}'>{html.escape(name)}</th><td>{m.get('n_images', '')}</td>"
                     f"{''.join(cells)}</tr>")
@@ -298,8 +300,16 @@ def _tradeoff_axes(summary: dict, cfg) -> tuple[str, str] | str:
 def _plot_tradeoff(plt, ax, summary: dict, xk: str, yk: str) -> None:
     metrics = summary["metrics"]
     pts = [(i, name, m["mean"].get(xk), m["mean"].get(yk)) for i, (name, m) in enumerate(summary["models"].items())]
+    # a row with y but no finite x (the ground truth: PSNR infinite) is a horizontal reference line
+    refs = [p for p in pts if p[2] is None and p[3] is not None]
     pts = [p for p in pts if p[2] is not None and p[3] is not None]
     xs, ys = [p[2] for p in pts], [p[3] for p in pts]
+    for i, name, _, y in refs:
+        ax.axhline(y, color=plt.cm.tab10(i % 10), linestyle="--", linewidth=1, alpha=0.8, label=name)
+    if refs:
+        ax.legend(fontsize=8, loc="lower left")
+    if not pts:
+        return
     dx, dy = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
     placed: list[tuple[float, float]] = []
     for i, name, x, y in pts:
@@ -355,7 +365,8 @@ def _plot_curves(plt, c: Curves):
 def _examples(page: Page, cfg, writer: _Writer) -> tuple[str, list[tuple[str, Image.Image, Image.Image]]]:
     """The example rows as HTML, and the first row's (column, overview, zoom) images (for report.png)."""
     summary, rows = page.summary, page.rows
-    models = cfg.models or list(summary["models"])
+    # the ground truth (an eval `hr` entry) is the grid's last column already
+    models = cfg.models or [n for n, m in summary["models"].items() if m.get("kind") != "hr"]
     unknown = [m for m in models if m not in summary["models"]]
     if unknown:
         page.notes.append(f"examples: models {unknown} are not in the eval (has {list(summary['models'])})")
