@@ -259,11 +259,12 @@ def _arrow(info: dict) -> str:
 def _metric_table(summary: dict) -> str:
     cols = _metric_cols(summary)
     metrics = summary["metrics"]
+    # the ground truth (an eval `hr` entry) is a reference, never marked best
+    contenders = {n: m for n, m in summary["models"].items() if m.get("kind") != "hr"}
     best = {}
     for c in cols:
         hib = metrics[c].get("higher_is_better")
-        vals = [m["mean"].get(c) for m in summary["models"].values()
-                if m["mean"].get(c) is not None and m.get("kind") != "hr"]  # the ground truth is a reference
+        vals = [m["mean"].get(c) for m in contenders.values() if m["mean"].get(c) is not None]
         if hib is not None and len(vals) > 1:
             best[c] = max(vals) if hib else min(vals)
     head = "".join(f"<th title='{html.escape(metrics[c].get('description', ''))}'>"
@@ -274,7 +275,7 @@ def _metric_table(summary: dict) -> str:
         for c in cols:
             v = m["mean"].get(c)
             text = _fmt(v, c)
-            mark = v is not None and best.get(c) == v and m.get("kind") != "hr"
+            mark = name in contenders and v is not None and best.get(c) == v
             cells.append(f"<td><b>{text}</b></td>" if mark else f"<td>{text}</td>")
         src = html.escape(f"{m.get('kind', '')}: {m.get('source', '')}")
         body.append(f"<tr><th class='model' title='{src}'>{html.escape(name)}</th><td>{m.get('n_images', '')}</td>"
@@ -308,9 +309,7 @@ def _plot_tradeoff(plt, ax, summary: dict, xk: str, yk: str) -> None:
         ax.axhline(y, color=plt.cm.tab10(i % 10), linestyle="--", linewidth=1, alpha=0.8, label=name)
     if refs:
         ax.legend(fontsize=8, loc="lower left")
-    if not pts:
-        return
-    dx, dy = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    dx, dy = (max(xs, default=0.0) - min(xs, default=0.0)) or 1.0, (max(ys, default=0.0) - min(ys, default=0.0)) or 1.0
     placed: list[tuple[float, float]] = []
     for i, name, x, y in pts:
         near = sum(abs(x - px) < 0.03 * dx and abs(y - py) < 0.03 * dy for px, py in placed)  # stack their labels
